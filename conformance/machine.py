@@ -1,0 +1,354 @@
+"""The sequential conformance machine (DESIGN §5).
+
+One ``RuleBasedStateMachine`` subclass per candidate (see
+:func:`machine_for`): every rule drives the platform (and so the candidate) and
+the oracle with the same operation, compares what the guest or the VMM
+observed with what the oracle allows, and lets the monitors check the rest.
+Hardware nondeterminism (TLB evictions, speculative line fills, evictions) are
+rules too, so they shrink like everything else.
+"""
+
+from __future__ import annotations
+
+import functools
+
+from hypothesis import event, note
+from hypothesis import strategies as st
+from hypothesis.stateful import RuleBasedStateMachine, initialize, precondition, rule
+
+from conformance.errors import CandidateError, ConformanceFailure, PropertyViolation
+from conformance.platform import Platform
+from conformance.protocol import SCTLR_C, SCTLR_M, MemslotChange, Memslot
+from model.cache import GARBAGE
+from model.host import PAGE, THP_SIZE
+from model.oracle import Oracle
+from strategies.layouts import configs, interesting_gfns, layouts
+
+INDEX = st.integers(0, 63)  # index into a small pool; shrinks towards the simplest
+VCPU = st.integers(0, 3)
+HOST_OPS = ["munmap", "madvise_dontneed", "migrate", "thp_split", "thp_collapse",
+            "mprotect_ro", "mprotect_rw"]
+AGING = ["clear_flush_young", "clear_young", "test_young"]
+
+
+def checked(fn):
+    """Run a rule with its step label set; remember failures so teardown does
+    not pile a second report on the first."""
+    @functools.wraps(fn)
+    def wrapper(self, **kwargs):
+        self.steps += 1
+        args = ", ".join(f"{k}={v!r}" for k, v in kwargs.items())
+        label = f"{self.steps}: {fn.__name__}({args})"
+        if self.platform is not None:
+            self.platform.step = label
+        try:
+            return fn(self, **kwargs)
+        except ConformanceFailure as exc:
+            exc.step = exc.step or label
+            self.failed = True
+            raise
+        except BaseException:
+            self.failed = True
+            raise
+    return wrapper
+
+
+class Stage2Machine(RuleBasedStateMachine):
+    """Subclassed per candidate by :func:`machine_for`."""
+
+    candidate_cls: type = None  # type: ignore[assignment]
+
+    def __init__(self):
+        super().__init__()
+        self.platform: Platform | None = None
+        self.oracle: Oracle | None = None
+        self.steps = 0
+        self.failed = False
+        self.next_value = 0
+        self.origin: dict[int, str] = {GARBAGE: "never-written memory (garbage)",
+                                       0: "zero (a fresh page)"}
+        self.holes: list[tuple[int, int]] = []
+
+    # ------------------------------------------------------------- set-up
+    def _boot(self, config, layout):
+        note(f"config: {config}")
+        note(f"layout: {layout.describe()}")
+        self.layout = layout
+        self.gfns = interesting_gfns(layout)
+        self.platform = p = Platform(config)
+        self.oracle = Oracle(config)
+        self.slots = {s.id: s for s in layout.memslots}
+        for v in layout.vmas:
+            p.host_mmap(v.start, v.end, v.thp)
+            self.oracle.mmap(v.start, v.end)
+        p.step = "0: boot"
+        p.candidate = p.construct(self.candidate_cls)
+        for vcpu in range(config.nr_vcpus):
+            p.call("vcpu_init", vcpu, vcpu=vcpu)
+        for slot in layout.memslots:
+            p.set_memslot(None, slot, MemslotChange.CREATE)
+            self.oracle.set_memslot(None, slot)
+
+    @property
+    def live(self) -> bool:
+        return self.platform is not None and not self.platform.released
+
+    def _vcpu(self, vcpu: int) -> int:
+        return vcpu % self.platform.config.nr_vcpus
+
+    def _gfn(self, where: int) -> int:
+        return self.gfns[where % len(self.gfns)]
+
+    def _hva(self, where: int) -> int | None:
+        gfn = self._gfn(where)
+        slot = self.platform.slot_for_gfn(gfn)
+        return None if slot is None else slot.gfn_to_hva(gfn)
+
+    def _value(self, origin: str) -> int:
+        self.next_value += 1
+        self.origin[self.next_value] = f"{origin} in step {self.steps}"
+        return self.next_value
+
+    def _explain(self, outcome) -> str:
+        if outcome.exit is not None:
+            return outcome.describe()
+        return f"value {outcome.value} ({self.origin.get(outcome.value, 'unknown')})"
+
+    # --------------------------------------------------------------- guest
+    @precondition(lambda self: self.live)
+    @rule(vcpu=VCPU, where=INDEX, kind=st.sampled_from(["read", "write", "exec"]))
+    @checked
+    def guest_access(self, vcpu, where, kind):
+        vcpu, gfn = self._vcpu(vcpu), self._gfn(where)
+        if kind == "exec" and self.oracle.slot_for_gfn(gfn) is None:
+            kind = "read"  # instruction fetches from MMIO inject aborts; not modelled
+        value = self._value(f"guest write by vCPU{vcpu}") if kind == "write" else None
+        got = self.platform.guest_access(vcpu, gfn << 12, kind, value)
+        allowed = self.oracle.guest_access(vcpu, gfn, kind, value, observed=got)
+        event(f"guest {kind}: {got.exit.value if got.exit else 'value'}")
+        if got not in allowed:
+            mode = "caches on" if self.oracle.guest_cacheable(vcpu) else "MMU/caches off"
+            want = " or ".join(sorted(self._explain(o) for o in allowed))
+            raise PropertyViolation(
+                "guest-observation",
+                f"vCPU{vcpu} ({mode}) {kind} of IPA {gfn << 12:#x} (gfn {gfn:#x}) gave "
+                f"{self._explain(got)}; a correct implementation gives {want}")
+
+    @precondition(lambda self: self.live)
+    @rule(vcpu=VCPU, mmu=st.booleans(), caches=st.booleans())
+    @checked
+    def guest_write_sctlr(self, vcpu, mmu, caches):
+        vcpu = self._vcpu(vcpu)
+        new = (SCTLR_M if mmu else 0) | (SCTLR_C if caches else 0)
+        self.platform.guest_write_sctlr(vcpu, new)
+        self.oracle.write_sctlr(vcpu, new)
+
+    @precondition(lambda self: self.live)
+    @rule(vcpu=VCPU)
+    @checked
+    def guest_set_way(self, vcpu):
+        vcpu = self._vcpu(vcpu)
+        self.platform.guest_set_way(vcpu)
+        self.oracle.set_way(vcpu)
+
+    # ----------------------------------------------------------------- VMM
+    @precondition(lambda self: self.live)
+    @rule(where=INDEX)
+    @checked
+    def vmm_write(self, where):
+        hva = self._hva(where)
+        if hva is None or not self.oracle.vma_at(hva):
+            return
+        value = self._value("VMM write")
+        self.platform.vmm_write(hva, value)
+        self.oracle.vmm_write(hva, value)
+
+    @precondition(lambda self: self.live)
+    @rule(where=INDEX)
+    @checked
+    def vmm_read(self, where):
+        hva = self._hva(where)
+        if hva is None or self.oracle.vma_at(hva) is None:
+            return
+        got = self.platform.vmm_read(hva)
+        allowed = self.oracle.vmm_read(hva, observed=got)
+        if got not in allowed:
+            want = " or ".join(f"{v} ({self.origin.get(v, '?')})" for v in sorted(allowed))
+            raise PropertyViolation(
+                "host-observation", f"VMM read of hva {hva:#x} gave {got} "
+                f"({self.origin.get(got, '?')}); a correct implementation gives {want}")
+
+    @precondition(lambda self: self.live)
+    @rule(op=st.sampled_from(HOST_OPS), where=INDEX, huge=st.booleans())
+    @checked
+    def host_mm(self, op, where, huge):
+        hva = self._hva(where)
+        if hva is None:
+            return
+        start = hva & ~(THP_SIZE - 1) if huge else hva
+        end = start + (THP_SIZE if huge else PAGE)
+        host = self.platform.host
+        if op in ("migrate", "thp_split") and host.pte(hva) is None:
+            return
+        if op == "thp_split" and not host.pte(hva).huge:
+            return
+        if op == "thp_collapse" and (not host.thp_possible(hva) or
+                                     (host.pte(hva) and host.pte(hva).huge)):
+            return
+        if op in ("thp_split", "thp_collapse") or (op == "migrate" and host.pte(hva).huge):
+            start, end = hva & ~(THP_SIZE - 1), (hva & ~(THP_SIZE - 1)) + THP_SIZE
+        if op == "migrate" and not host.pte(hva).huge:
+            start, end = hva & ~(PAGE - 1), (hva & ~(PAGE - 1)) + PAGE
+        if any(host.vma_at(a) is None for a in (start, end - PAGE)):
+            return
+        self.platform.host_op(op, start, end)
+        self.oracle.host_op(op, start, end)
+        if op == "munmap":
+            self.holes.append((start, end))
+        event(f"host: {op}")
+
+    @precondition(lambda self: self.live and self.holes)
+    @rule(which=INDEX)
+    @checked
+    def host_mmap_again(self, which):
+        start, end = self.holes.pop(which % len(self.holes))
+        self.platform.host_mmap(start, end, thp=False)
+        self.oracle.mmap(start, end)
+
+    @precondition(lambda self: self.live)
+    @rule(keep=INDEX, merge=INDEX)
+    @checked
+    def host_ksm_merge(self, keep, merge):
+        a, b = self._hva(keep), self._hva(merge)
+        host = self.platform.host
+        if a is None or b is None or host.pte(a) is None or host.pte(b) is None:
+            return
+        if host.pte(a).huge or host.pte(b).huge or not self.oracle.can_ksm_merge(a, b):
+            return
+        self.platform.host_op("ksm_merge", b, b + PAGE, other=a)
+        self.oracle.host_op("ksm_merge", b, b + PAGE, other=a)
+        event("host: ksm_merge")
+
+    @precondition(lambda self: self.live)
+    @rule(op=st.sampled_from(AGING), where=INDEX, huge=st.booleans())
+    @checked
+    def host_aging(self, op, where, huge):
+        hva = self._hva(where)
+        if hva is None:
+            return
+        start = hva & ~(THP_SIZE - 1) if huge else hva
+        self.platform.aging(op, start, start + (THP_SIZE if huge else PAGE))
+
+    @precondition(lambda self: self.live)
+    @rule()
+    @checked
+    def host_exit_mmap(self):
+        self.platform.exit_mmap()
+
+    # ------------------------------------------------------------ memslots
+    def _slot(self, which: int) -> Memslot:
+        ids = sorted(self.slots)
+        return self.slots[ids[which % len(ids)]]
+
+    def _change(self, old, new, change):
+        self.platform.set_memslot(old, new, change)
+        self.oracle.set_memslot(old, new)
+        if new is None:
+            self.deleted = getattr(self, "deleted", {})
+            self.deleted[old.id] = old
+            del self.slots[old.id]
+        else:
+            self.slots[new.id] = new
+
+    @precondition(lambda self: self.live and self.slots)
+    @rule(which=INDEX)
+    @checked
+    def memslot_toggle_logging(self, which):
+        old = self._slot(which)
+        new = Memslot(old.id, old.base_gfn, old.npages, old.userspace_addr,
+                      old.readonly, not old.log_dirty_pages)
+        self._change(old, new, MemslotChange.FLAGS_ONLY)
+        event(f"dirty logging {'on' if new.log_dirty_pages else 'off'}")
+
+    @precondition(lambda self: self.live and any(s.is_logging for s in self.slots.values()))
+    @rule(which=INDEX)
+    @checked
+    def memslot_harvest(self, which):
+        logging = [s for s in self.slots.values() if s.is_logging]
+        slot = logging[which % len(logging)]
+        got = self.platform.get_dirty_log(slot)
+        missing, extra = self.oracle.harvest(slot, got)
+        if extra:
+            event("dirty log: over-reported")
+        if missing:
+            gfns = ", ".join(f"{g:#x}" for g in sorted(missing)[:4])
+            raise PropertyViolation(
+                "dirty-log-harvest", f"get_dirty_log(slot {slot.id}) lost dirty gfn(s) "
+                f"{gfns}: the guest wrote them since logging was enabled or last "
+                "harvested, but they were not reported (reference §4.7, §9.4 D2)")
+
+    @precondition(lambda self: self.live and self.slots)
+    @rule(which=INDEX)
+    @checked
+    def memslot_delete(self, which):
+        old = self._slot(which)
+        self._change(old, None, MemslotChange.DELETE)
+
+    @precondition(lambda self: self.live and getattr(self, "deleted", None))
+    @rule(which=INDEX)
+    @checked
+    def memslot_recreate(self, which):
+        ids = sorted(self.deleted)
+        slot = self.deleted.pop(ids[which % len(ids)])
+        slot = Memslot(slot.id, slot.base_gfn, slot.npages, slot.userspace_addr,
+                       slot.readonly, False)
+        self._change(None, slot, MemslotChange.CREATE)
+
+    @precondition(lambda self: self.live and self.slots)
+    @rule(which=INDEX)
+    @checked
+    def memslot_move(self, which):
+        old = self._slot(which)
+        original = next(s for s in self.layout.memslots if s.id == old.id)
+        base = original.base_gfn if old.base_gfn != original.base_gfn else \
+            original.base_gfn + 0x10000
+        new = Memslot(old.id, base, old.npages, old.userspace_addr, old.readonly,
+                      old.log_dirty_pages)
+        self._change(old, new, MemslotChange.MOVE)
+
+    # ------------------------------------------------------------ hardware
+    @precondition(lambda self: self.platform is not None)  # always possible
+    @rule(vcpu=VCPU, nth=INDEX)
+    @checked
+    def hw_tlb_evict(self, vcpu, nth):
+        self.platform.hw_tlb_evict(self._vcpu(vcpu), nth)
+
+    @precondition(lambda self: self.live)
+    @rule(op=st.sampled_from(["fill", "evict", "ifill", "ievict"]), where=INDEX)
+    @checked
+    def hw_cache(self, op, where):
+        hva = self._hva(where)
+        pte = None if hva is None else self.platform.host.pte(hva)
+        if pte is not None:
+            self.platform.hw_cache(op, pte.pfn)
+
+    # ------------------------------------------------------------ teardown
+    def teardown(self):
+        if self.platform is None or self.failed:
+            return
+        self.platform.step = f"{self.steps + 1}: teardown (destroy + leak checks)"
+        self.platform.destroy()
+
+
+def machine_for(name: str, candidate_cls: type) -> type[Stage2Machine]:
+    """A machine subclass bound to one candidate, with a stable name (so the
+    example database keys and test ids are stable per candidate)."""
+    safe = "".join(c if c.isalnum() else "_" for c in name)
+
+    @initialize(config=configs(candidate_cls.capabilities), layout=layouts())
+    @checked
+    def boot(self, config, layout):
+        self._boot(config, layout)
+
+    return type(f"Stage2Machine_{safe}", (Stage2Machine,),
+                {"candidate_cls": candidate_cls, "boot": boot, "__module__": __name__})

@@ -1,0 +1,285 @@
+"""Architecture-level safety monitors (DESIGN §2; reference §9).
+
+They run on platform events, independently of the oracle, and raise a
+:class:`~conformance.errors.PropertyViolation` naming the property family:
+
+============================  ==============================================
+``break-before-make``         valid → different valid without an invalid
+                              step (§2.4, §9.3 T1)
+``tlb-conflict``              a new translation while a TLB still holds an
+                              overlapping different one (missing TLBI, T1/T3)
+``stale-translation``         S2 or a TLB still maps an address after
+                              ``invalidate_range_start`` or a memslot delete
+                              returned, or the guest used a freed page (N1, T2)
+``memslot-fidelity``          a leaf maps the wrong host page, outside its
+                              memslot, or writable where it may not be (G1–G3)
+``dirty-logging``             writable while logging but not marked dirty, a
+                              block created or writable while logging, not
+                              re-protected after enable or harvest (D1–D5)
+``table-lifecycle``           leak, double free, use after free, freed while
+                              linked or still in a walk cache (S2, T3)
+``refcount``                  ``refcount(T) != 1 + non-zero entries`` or a
+                              LOCKED entry left behind when quiescent (S2, S3)
+``host-page-refs``            a GUP reference not released (N6)
+``aging``                     wrong young answer, or aging changed more than
+                              AF (N4)
+``locking``                   mmu_lock misuse (GUP under the lock, unbalanced)
+``forward-progress``          a guest access livelocks (G5; raised by the
+                              platform)
+============================  ==============================================
+"""
+
+from __future__ import annotations
+
+from conformance.protocol import MemslotChange, NotifierEvent, NotifierRange
+from model import descriptors as d
+from model.geometry import granule
+from model.memory import PageUse
+
+#: Bits a live leaf may change without break-before-make (reference §1.5 rule 2).
+ATTR_ONLY = d.S2_PERMS | d.AF | d.SW_MASK
+
+
+class Monitors:
+    def __init__(self, platform):
+        self.p = platform
+        self.touched: set[int] = set()
+        self.pending_dirty: set[tuple[int, int]] = set()
+
+    def fail(self, prop: str, message: str):
+        self.p.fail(prop, message)
+
+    # ------------------------------------------------------ descriptor stores
+    def on_store(self, pfn: int, idx: int, old: int, new: int) -> None:
+        self.touched.add(pfn)
+        loc = self.p.entry_ipa(pfn, idx)
+        if loc is None or old == new:
+            return
+        ipa, level = loc
+        if d.is_valid(old) and d.is_valid(new):
+            if d.is_table(old, level) or d.is_table(new, level) or (old ^ new) & ~ATTR_ONLY:
+                self.fail("break-before-make",
+                          f"IPA {ipa:#x} L{level}: live {d.describe(old, level)} replaced "
+                          f"by {d.describe(new, level)} without break-before-make "
+                          "(invalid + TLBI first; reference §2.4, §9.3 T1)")
+        if d.is_valid(old) and d.is_table(old, level):
+            self.p.unlink(d.pte_pa(old) >> 12, level + 1)
+        if d.is_valid(new):
+            if d.is_table(new, level):
+                self.p.tlb_fill(ipa, level, new)
+                self.p.link(d.pte_pa(new) >> 12, ipa, level + 1)
+            else:
+                self.on_new_valid(ipa, level, new, fresh=not d.is_valid(old), old=old)
+
+    def on_new_valid(self, ipa: int, level: int, pte: int, fresh: bool = True,
+                     old: int = 0) -> None:
+        if d.is_table(pte, level):
+            self.p.tlb_fill(ipa, level, pte)
+            return
+        leaf = d.decode(pte, level)
+        if fresh:
+            self._check_no_conflict(ipa, leaf)
+        gained_write = leaf.write and not (d.is_valid(old) and old & d.S2AP_W)
+        if fresh or gained_write:
+            self._check_fidelity(ipa, leaf, fresh)
+        self.p.tlb_fill(ipa, level, pte)
+
+    def _check_no_conflict(self, ipa: int, leaf: d.Leaf) -> None:
+        size = granule(leaf.level)
+        for vcpu, tlb in enumerate(self.p.tlbs):
+            for e in tlb.overlapping(ipa, ipa + size):
+                if (e.ipa, e.level, e.oa, e.memattr) != (ipa, leaf.level, leaf.oa, leaf.memattr):
+                    self.fail("tlb-conflict",
+                              f"new {d.describe(leaf.encode(), leaf.level)} at IPA {ipa:#x} "
+                              f"while vCPU{vcpu}'s TLB still holds {e.describe()}: the old "
+                              "translation was never invalidated (missing or too narrow "
+                              "TLBI; reference §9.3 T1/T3)")
+
+    def _check_fidelity(self, ipa: int, leaf: d.Leaf, fresh: bool) -> None:
+        p = self.p
+        size = granule(leaf.level)
+        gfn0, npages = ipa >> 12, size >> 12
+        slot = p.slot_for_gfn(gfn0)
+        what = f"{d.describe(leaf.encode(), leaf.level)} at IPA {ipa:#x}"
+        if slot is None or gfn0 + npages > slot.end_gfn:
+            self.fail("memslot-fidelity", f"{what} covers gfns outside any single memslot "
+                      "(reference §3.3, §9.2 G2)")
+        if d.memtype_of(leaf.memattr, p.config.fwb) is not d.MemType.NORMAL:
+            self.fail("memslot-fidelity", f"{what}: guest RAM must be mapped Normal")
+        if leaf.write and slot.readonly:
+            self.fail("memslot-fidelity", f"{what} is writable in read-only memslot "
+                      f"{slot.id} (reference §9.2 G3/G4)")
+        if slot.is_logging and leaf.level < 3 and (fresh or leaf.write):
+            self.fail("dirty-logging", f"{what}: a {'writable ' if leaf.write else ''}block "
+                      f"in memslot {slot.id} while dirty logging is on (only 4K leaves, "
+                      "reference §4.3, §9.4 D5)")
+        for i in range(npages):
+            hva = slot.gfn_to_hva(gfn0 + i)
+            pte = p.host.pte(hva)
+            pa = leaf.oa + (i << 12)
+            if pte is None or pte.pfn != pa >> 12:
+                host = "nothing" if pte is None else f"PA {pte.pfn << 12:#x}"
+                self.fail("memslot-fidelity",
+                          f"{what} maps gfn {gfn0 + i:#x} (hva {hva:#x}) to PA {pa:#x}, "
+                          f"but the host maps that hva to {host} "
+                          "(reference §3.3, §9.2 G1)")
+            if leaf.write and not pte.writable:
+                self.fail("memslot-fidelity",
+                          f"{what} is writable but the host page at hva {hva:#x} is "
+                          "read-only (KSM/copy-on-write or mprotect; reference §9.2 G3)")
+            for rng in p.notifiers_in_progress:
+                if rng.start <= hva < rng.end and rng.event is not NotifierEvent.PROTECTION_UPGRADE:
+                    self.fail("stale-translation",
+                              f"{what} installed for hva {hva:#x} between "
+                              f"invalidate_range_start and _end ({rng.event.value}; "
+                              "the fault must retry, reference §9.5 N2)")
+        if slot.is_logging and leaf.write:
+            self.pending_dirty.add((slot.id, gfn0))
+
+    def on_walk(self, ipa: int, leaf: d.Leaf) -> None:
+        pass
+
+    def on_guest_access(self, vcpu: int, ipa: int, entry, kind: str) -> None:
+        if kind != "write":
+            return
+        gfn = ipa >> 12
+        slot = self.p.slot_for_gfn(gfn)
+        if slot is not None and slot.is_logging and gfn not in self.p.dirty.get(slot.id, ()):
+            self.fail("dirty-logging",
+                      f"vCPU{vcpu} wrote gfn {gfn:#x} in logging memslot {slot.id} through "
+                      f"{entry.describe()} but the gfn is not marked dirty: a writable "
+                      "translation exists while logging without a dirty mark "
+                      "(reference §9.4 D2/D3)")
+
+    def on_table_freed(self, pfn: int) -> None:
+        if pfn in self.p.reachable and self.p.mem.page_use(pfn) is not PageUse.PGD:
+            self.fail("table-lifecycle", f"table page PA {pfn << 12:#x} freed while still "
+                      "linked into the stage-2 tree (use after free by every walker)")
+        for vcpu, tlb in enumerate(self.p.tlbs):
+            entry = tlb.references_table(pfn)
+            if entry is not None:
+                self.fail("table-lifecycle",
+                          f"table page PA {pfn << 12:#x} freed while vCPU{vcpu}'s walk cache "
+                          f"still points to it (L{entry.level} entry for IPA {entry.ipa:#x}); "
+                          "it was never covered by a TLBI (reference §9.3 T3)")
+
+    # ------------------------------------------------------- after calls
+    def after_call(self, method: str) -> None:
+        p = self.p
+        for pfn in self.touched:
+            if pfn not in p.reachable or p.mem.page_use(pfn) is not PageUse.TABLE:
+                continue
+            entries = p.mem.tables[pfn]
+            if d.INVALID_PTE_LOCKED in entries:
+                self.fail("refcount", f"{method}() returned leaving a LOCKED entry in table "
+                          f"PA {pfn << 12:#x} (reference §9.1 S3)")
+            want = 1 + sum(1 for e in entries if e)
+            if p.mem.refcount[pfn] != want:
+                self.fail("refcount", f"table page PA {pfn << 12:#x} has refcount "
+                          f"{p.mem.refcount[pfn]} but 1 + {want - 1} non-zero entries after "
+                          f"{method}() (reference §2.3, §9.1 S2)")
+        self.touched.clear()
+        for slot_id, gfn in sorted(self.pending_dirty):
+            if slot_id in p.dirty and gfn not in p.dirty[slot_id]:
+                self.fail("dirty-logging", f"{method}() made gfn {gfn:#x} writable in logging "
+                          f"memslot {slot_id} but did not mark it dirty "
+                          "(reference §4.3, §9.4 D2)")
+        self.pending_dirty.clear()
+        if p.mmu_lock_writer or p.mmu_lock_readers:
+            self.fail("locking", f"{method}() returned with mmu_lock held")
+        if p.rcu_readers:
+            self.fail("locking", f"{method}() returned inside an RCU read-side section")
+        refs = {pfn: n for pfn, n in p.host.gup_refs.items() if n}
+        if refs:
+            pas = ", ".join(f"PA {pfn << 12:#x}" for pfn in sorted(refs)[:4])
+            self.fail("host-page-refs", f"{method}() returned still holding GUP references "
+                      f"on {pas} (reference §3.2 step 20, §9.5 N6)")
+
+    def _ipa_ranges(self, start: int, end: int):
+        """IPA ranges of every memslot part backed by hvas ``[start, end)``."""
+        for slot in self.p.memslots.values():
+            lo, hi = max(start, slot.userspace_addr), min(end, slot.hva_end)
+            if lo < hi:
+                yield slot, slot.hva_to_gfn(lo) << 12, slot.hva_to_gfn(hi - 1) + 1 << 12
+
+    def _check_unmapped(self, start: int, end: int, why: str) -> None:
+        for step, leaf in self.p.leaves(start, end):
+            self.fail("stale-translation", f"{why}, stage 2 still maps "
+                      f"{d.describe(step.pte, step.level)} at IPA {step.ipa:#x} "
+                      "(reference §9.5 N1)")
+        for vcpu, tlb in enumerate(self.p.tlbs):
+            for e in tlb.overlapping(start, end):
+                self.fail("stale-translation", f"{why}, vCPU{vcpu}'s TLB still holds "
+                          f"{e.describe()} (reference §9.3 T2)")
+
+    def after_invalidate_start(self, rng: NotifierRange) -> None:
+        if rng.event is NotifierEvent.PROTECTION_UPGRADE:
+            return  # no KVM-visible obligation (reference §5.4, §9.5 N5)
+        for slot, lo, hi in self._ipa_ranges(rng.start, rng.end):
+            self._check_unmapped(lo, hi, f"after invalidate_range_start({rng.event.value}, "
+                                 f"hva {rng.start:#x}-{rng.end:#x}) returned")
+
+    def after_invalidate_end(self, rng: NotifierRange) -> None:
+        for slot, lo, hi in self._ipa_ranges(rng.start, rng.end):
+            for step, leaf in self.p.leaves(lo, hi):
+                self._check_fidelity(step.ipa, leaf, fresh=False)
+
+    def before_aging(self, rng: NotifierRange):
+        return [(step.ipa, leaf) for slot, lo, hi in self._ipa_ranges(rng.start, rng.end)
+                for step, leaf in self.p.leaves(lo, hi)]
+
+    def after_aging(self, op: str, rng: NotifierRange, before, young: bool) -> None:
+        expected = any(leaf.af for _, leaf in before)
+        if young != expected:
+            self.fail("aging", f"{op}(hva {rng.start:#x}-{rng.end:#x}) returned {young}, "
+                      f"but {'some' if expected else 'no'} leaf in range had AF set "
+                      "(reference §9.5 N4)")
+        after = {ipa: leaf for slot, lo, hi in self._ipa_ranges(rng.start, rng.end)
+                 for step, leaf in ((s, l) for s, l in self.p.leaves(lo, hi))
+                 for ipa in (step.ipa,)}
+        for ipa, leaf in before:
+            now = after.get(ipa)
+            want_af = leaf.af and op == "test_young"
+            import attrs
+            if now is None or attrs.evolve(now, af=want_af) != attrs.evolve(leaf, af=want_af) \
+                    or now.af != want_af:
+                shown = "nothing" if now is None else d.describe(now.encode(), now.level)
+                self.fail("aging", f"{op} changed IPA {ipa:#x} from "
+                          f"{d.describe(leaf.encode(), leaf.level)} to {shown}: aging may only "
+                          "clear AF (reference §9.5 N4)")
+
+    def after_memslot(self, old, new, change: MemslotChange) -> None:
+        if change in (MemslotChange.DELETE, MemslotChange.MOVE):
+            self._check_unmapped(old.base_gfn << 12, old.end_gfn << 12,
+                                 f"after memslot {old.id} {change.value}")
+        if new is not None and new.is_logging and not (old is not None and old.is_logging):
+            self._check_protected(new, "enabling dirty logging (reference §4.2, §9.4 D1)")
+
+    def after_harvest(self, slot) -> None:
+        self._check_protected(slot, "get_dirty_log (reference §4.4, §9.4 D3)")
+
+    def _check_protected(self, slot, why: str) -> None:
+        lo, hi = slot.base_gfn << 12, slot.end_gfn << 12
+        dirty = self.p.dirty.get(slot.id, set())
+        for step, leaf in self.p.leaves(lo, hi):
+            if leaf.write and (step.ipa >> 12) not in dirty:
+                self.fail("dirty-logging", f"after {why}, stage 2 still maps IPA "
+                          f"{step.ipa:#x} writable ({d.describe(step.pte, step.level)})")
+        for vcpu, tlb in enumerate(self.p.tlbs):
+            for e in tlb.overlapping(lo, hi):
+                if e.write and (e.ipa >> 12) not in dirty:
+                    self.fail("dirty-logging", f"after {why}, vCPU{vcpu}'s TLB still holds "
+                              f"writable {e.describe()} (missing TLB flush)")
+
+    def after_destroy(self) -> None:
+        p = self.p
+        p.grace_period()
+        leaked = sorted(pfn for pfn, use in p.mem.use.items()
+                        if use in (PageUse.TABLE, PageUse.PGD, PageUse.UNLINKED))
+        if leaked:
+            pas = ", ".join(f"{pfn << 12:#x}" for pfn in leaked[:4])
+            self.fail("table-lifecycle", f"{len(leaked)} table page(s) leaked after "
+                      f"destroy(): PA {pas}{' ...' if len(leaked) > 4 else ''}")
+        refs = sum(p.host.gup_refs.values())
+        if refs:
+            self.fail("host-page-refs", f"{refs} GUP reference(s) outstanding after destroy()")

@@ -1,0 +1,84 @@
+"""VM configurations and memslot/host layouts (DESIGN §5).
+
+Layouts are small (a few MiB) so steps stay cheap, but always contain what the
+bugs need: at least one 2 MiB-aligned window inside a memslot (blocks are
+possible), optionally a gfn/hva misalignment (blocks must be refused, reference
+§3.3), THP-backed or not, and optionally a small read-only slot.
+"""
+
+from __future__ import annotations
+
+import attrs
+from hypothesis import strategies as st
+
+from conformance.protocol import Capabilities, Memslot, VmConfig
+
+PAGE = 1 << 12
+MIB2 = 2 << 20
+
+
+@attrs.frozen
+class Vma:
+    start: int
+    end: int
+    thp: bool
+
+
+@attrs.frozen
+class Layout:
+    memslots: tuple[Memslot, ...]
+    vmas: tuple[Vma, ...]
+
+    def describe(self) -> str:
+        parts = []
+        for s in self.memslots:
+            flags = "RO " if s.readonly else ""
+            parts.append(f"slot{s.id} {flags}gfn {s.base_gfn:#x}+{s.npages:#x} "
+                         f"@hva {s.userspace_addr:#x}")
+        thp = [f"{v.start:#x}-{v.end:#x}{' THP' if v.thp else ''}" for v in self.vmas]
+        return "; ".join(parts) + "; VMAs " + ", ".join(thp)
+
+
+def configs(caps: Capabilities = Capabilities()) -> st.SearchStrategy[VmConfig]:
+    """Configurations a candidate with ``caps`` claims to support."""
+    return st.builds(
+        VmConfig,
+        ipa_bits=st.sampled_from([40, 32, 36, 44, 48]),
+        fwb=st.booleans() if caps.fwb else st.just(False),
+        hw_af=st.booleans() if caps.hw_af else st.just(False),
+        dic=st.booleans() if caps.dic else st.just(False),
+        idc=st.booleans(),
+        nr_vcpus=st.integers(1, max(1, min(4, caps.max_vcpus))),
+    )
+
+
+@st.composite
+def layouts(draw) -> Layout:
+    """Slot 0: RAM with one or two 2 MiB windows, hva congruent to the IPA
+    modulo 2 MiB or off by a page; optional slot 1: a small (maybe read-only)
+    slot elsewhere in the IPA space, backed by a separate VMA."""
+    npages = draw(st.sampled_from([1024, 512, 640]))
+    misaligned = draw(st.booleans())
+    thp = draw(st.booleans())
+    hva0 = 0x4000_0000 + (PAGE if misaligned else 0)
+    vma0 = Vma(0x4000_0000, 0x4000_0000 + (npages << 12) + MIB2, thp)
+    slots = [Memslot(0, 0x40000, npages, hva0)]
+    vmas = [vma0]
+    if draw(st.booleans()):
+        readonly = draw(st.booleans())
+        slots.append(Memslot(1, 0x80000, 16, 0x8000_0000, readonly=readonly))
+        vmas.append(Vma(0x8000_0000, 0x8000_0000 + (16 << 12), False))
+    return Layout(tuple(slots), tuple(vmas))
+
+
+def interesting_gfns(layout: Layout) -> list[int]:
+    """gfns biased to slot edges and 2 MiB block boundaries, plus a gfn with
+    no memslot (an MMIO hole). Order matters: index 0 is the simplest."""
+    out: list[int] = []
+    for s in layout.memslots:
+        first_block = -(-s.base_gfn // 512) * 512
+        cands = [s.base_gfn, s.base_gfn + 1, first_block + 511, first_block + 512,
+                 s.end_gfn - 1, first_block + 5, s.base_gfn + s.npages // 2]
+        out.extend(g for g in cands if s.contains_gfn(g))
+    out.append(layout.memslots[0].end_gfn + 0x100)  # no memslot
+    return list(dict.fromkeys(out))

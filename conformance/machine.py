@@ -26,8 +26,8 @@ from strategies.layouts import configs, interesting_gfns, layouts
 
 INDEX = st.integers(0, 63)  # index into a small pool; shrinks towards the simplest
 VCPU = st.integers(0, 3)
-HOST_OPS = ["munmap", "madvise_dontneed", "migrate", "thp_split", "thp_collapse",
-            "mprotect_ro", "mprotect_rw"]
+HOST_OPS = ["mprotect_ro", "mprotect_rw", "migrate", "madvise_dontneed", "munmap",
+            "mmap_again", "ksm_merge", "thp_split", "thp_collapse"]
 AGING = ["clear_flush_young", "clear_young", "test_young"]
 
 
@@ -39,6 +39,7 @@ def checked(fn):
         self.steps += 1
         args = ", ".join(f"{k}={v!r}" for k, v in kwargs.items())
         label = f"{self.steps}: {fn.__name__}({args})"
+        self.trace.append(label)
         if self.platform is not None:
             self.platform.step = label
         try:
@@ -46,6 +47,7 @@ def checked(fn):
         except ConformanceFailure as exc:
             exc.step = exc.step or label
             self.failed = True
+            type(self).last_failure = (exc, list(self.trace), self)
             raise
         except BaseException:
             self.failed = True
@@ -57,12 +59,16 @@ class Stage2Machine(RuleBasedStateMachine):
     """Subclassed per candidate by :func:`machine_for`."""
 
     candidate_cls: type = None  # type: ignore[assignment]
+    #: (failure, step labels, machine) of the most recent failing program; after
+    #: a Hypothesis run this is the shrunk one (it is replayed last).
+    last_failure = None
 
     def __init__(self):
         super().__init__()
         self.platform: Platform | None = None
         self.oracle: Oracle | None = None
         self.steps = 0
+        self.trace: list[str] = []
         self.failed = False
         self.next_value = 0
         self.origin: dict[int, str] = {GARBAGE: "never-written memory (garbage)",
@@ -115,10 +121,7 @@ class Stage2Machine(RuleBasedStateMachine):
         return f"value {outcome.value} ({self.origin.get(outcome.value, 'unknown')})"
 
     # --------------------------------------------------------------- guest
-    @precondition(lambda self: self.live)
-    @rule(vcpu=VCPU, where=INDEX, kind=st.sampled_from(["read", "write", "exec"]))
-    @checked
-    def guest_access(self, vcpu, where, kind):
+    def _guest_access(self, vcpu, where, kind):
         vcpu, gfn = self._vcpu(vcpu), self._gfn(where)
         if kind == "exec" and self.oracle.slot_for_gfn(gfn) is None:
             kind = "read"  # instruction fetches from MMIO inject aborts; not modelled
@@ -133,6 +136,24 @@ class Stage2Machine(RuleBasedStateMachine):
                 "guest-observation",
                 f"vCPU{vcpu} ({mode}) {kind} of IPA {gfn << 12:#x} (gfn {gfn:#x}) gave "
                 f"{self._explain(got)}; a correct implementation gives {want}")
+
+    @precondition(lambda self: self.live)
+    @rule(vcpu=VCPU, where=INDEX)
+    @checked
+    def guest_read(self, vcpu, where):
+        self._guest_access(vcpu, where, "read")
+
+    @precondition(lambda self: self.live)
+    @rule(vcpu=VCPU, where=INDEX)
+    @checked
+    def guest_write(self, vcpu, where):
+        self._guest_access(vcpu, where, "write")
+
+    @precondition(lambda self: self.live)
+    @rule(vcpu=VCPU, where=INDEX)
+    @checked
+    def guest_fetch(self, vcpu, where):
+        self._guest_access(vcpu, where, "exec")
 
     @precondition(lambda self: self.live)
     @rule(vcpu=VCPU, mmu=st.booleans(), caches=st.booleans())
@@ -182,6 +203,12 @@ class Stage2Machine(RuleBasedStateMachine):
     @rule(op=st.sampled_from(HOST_OPS), where=INDEX, huge=st.booleans())
     @checked
     def host_mm(self, op, where, huge):
+        """A host mm operation on the page (or 2 MiB window) at ``where``;
+        ``ksm_merge`` merges it with the next interesting page."""
+        if op == "mmap_again":
+            return self._mmap_again(where)
+        if op == "ksm_merge":
+            return self._ksm_merge(where + 1, where)
         hva = self._hva(where)
         if hva is None:
             return
@@ -207,18 +234,14 @@ class Stage2Machine(RuleBasedStateMachine):
             self.holes.append((start, end))
         event(f"host: {op}")
 
-    @precondition(lambda self: self.live and self.holes)
-    @rule(which=INDEX)
-    @checked
-    def host_mmap_again(self, which):
+    def _mmap_again(self, which):
+        if not self.holes:
+            return
         start, end = self.holes.pop(which % len(self.holes))
         self.platform.host_mmap(start, end, thp=False)
         self.oracle.mmap(start, end)
 
-    @precondition(lambda self: self.live)
-    @rule(keep=INDEX, merge=INDEX)
-    @checked
-    def host_ksm_merge(self, keep, merge):
+    def _ksm_merge(self, keep, merge):
         a, b = self._hva(keep), self._hva(merge)
         host = self.platform.host
         if a is None or b is None or host.pte(a) is None or host.pte(b) is None:
@@ -239,10 +262,12 @@ class Stage2Machine(RuleBasedStateMachine):
         start = hva & ~(THP_SIZE - 1) if huge else hva
         self.platform.aging(op, start, start + (THP_SIZE if huge else PAGE))
 
-    @precondition(lambda self: self.live)
+    @precondition(lambda self: self.live and self.steps >= 10)
     @rule()
     @checked
     def host_exit_mmap(self):
+        """The VMM exits: notifier ``release`` (only after a few steps, so
+        that it does not cut most programs short)."""
         self.platform.exit_mmap()
 
     # ------------------------------------------------------------ memslots
@@ -260,10 +285,18 @@ class Stage2Machine(RuleBasedStateMachine):
         else:
             self.slots[new.id] = new
 
-    @precondition(lambda self: self.live and self.slots)
-    @rule(which=INDEX)
+    @precondition(lambda self: self.live)
+    @rule(op=st.sampled_from(["toggle_logging", "delete", "recreate", "move"]), which=INDEX)
     @checked
-    def memslot_toggle_logging(self, which):
+    def memslot(self, op, which):
+        """KVM_SET_USER_MEMORY_REGION: flip dirty logging, delete, re-create or
+        move a memslot."""
+        if op == "recreate":
+            return self._memslot_recreate(which)
+        if self.slots:
+            getattr(self, f"_memslot_{op}")(which)
+
+    def _memslot_toggle_logging(self, which):
         old = self._slot(which)
         new = Memslot(old.id, old.base_gfn, old.npages, old.userspace_addr,
                       old.readonly, not old.log_dirty_pages)
@@ -287,27 +320,20 @@ class Stage2Machine(RuleBasedStateMachine):
                 f"{gfns}: the guest wrote them since logging was enabled or last "
                 "harvested, but they were not reported (reference §4.7, §9.4 D2)")
 
-    @precondition(lambda self: self.live and self.slots)
-    @rule(which=INDEX)
-    @checked
-    def memslot_delete(self, which):
+    def _memslot_delete(self, which):
         old = self._slot(which)
         self._change(old, None, MemslotChange.DELETE)
 
-    @precondition(lambda self: self.live and getattr(self, "deleted", None))
-    @rule(which=INDEX)
-    @checked
-    def memslot_recreate(self, which):
+    def _memslot_recreate(self, which):
+        if not getattr(self, "deleted", None):
+            return
         ids = sorted(self.deleted)
         slot = self.deleted.pop(ids[which % len(ids)])
         slot = Memslot(slot.id, slot.base_gfn, slot.npages, slot.userspace_addr,
                        slot.readonly, False)
         self._change(None, slot, MemslotChange.CREATE)
 
-    @precondition(lambda self: self.live and self.slots)
-    @rule(which=INDEX)
-    @checked
-    def memslot_move(self, which):
+    def _memslot_move(self, which):
         old = self._slot(which)
         original = next(s for s in self.layout.memslots if s.id == old.id)
         base = original.base_gfn if old.base_gfn != original.base_gfn else \
@@ -318,15 +344,16 @@ class Stage2Machine(RuleBasedStateMachine):
 
     # ------------------------------------------------------------ hardware
     @precondition(lambda self: self.platform is not None)  # always possible
-    @rule(vcpu=VCPU, nth=INDEX)
+    @rule(op=st.sampled_from(["tlb_evict", "fill", "evict", "ifill", "ievict"]),
+          vcpu=VCPU, where=INDEX)
     @checked
-    def hw_tlb_evict(self, vcpu, nth):
-        self.platform.hw_tlb_evict(self._vcpu(vcpu), nth)
-
-    @precondition(lambda self: self.live)
-    @rule(op=st.sampled_from(["fill", "evict", "ifill", "ievict"]), where=INDEX)
-    @checked
-    def hw_cache(self, op, where):
+    def hardware(self, op, vcpu, where):
+        """Free hardware choices: evict a TLB entry of ``vcpu``; speculatively
+        fill or evict the D- or I-cache line of the page at ``where``."""
+        if op == "tlb_evict":
+            return self.platform.hw_tlb_evict(self._vcpu(vcpu), where)
+        if not self.live:
+            return
         hva = self._hva(where)
         pte = None if hva is None else self.platform.host.pte(hva)
         if pte is not None:
@@ -336,8 +363,14 @@ class Stage2Machine(RuleBasedStateMachine):
     def teardown(self):
         if self.platform is None or self.failed:
             return
-        self.platform.step = f"{self.steps + 1}: teardown (destroy + leak checks)"
-        self.platform.destroy()
+        label = f"{self.steps + 1}: teardown (destroy + leak checks)"
+        self.platform.step = label
+        self.trace.append(label)
+        try:
+            self.platform.destroy()
+        except ConformanceFailure as exc:
+            type(self).last_failure = (exc, list(self.trace), self)
+            raise
 
 
 def machine_for(name: str, candidate_cls: type) -> type[Stage2Machine]:

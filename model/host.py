@@ -63,6 +63,7 @@ class HostMm:
     mem: PhysicalMemory
     vmas: list[Vma] = attrs.Factory(list)
     ptes: dict[int, HostPte] = attrs.Factory(dict)
+    mapcount: dict[int, int] = attrs.Factory(dict)  # pfn -> host PTEs mapping it
     gup_refs: dict[int, int] = attrs.Factory(dict)
     zombies: set[int] = attrs.Factory(set)  # unmapped but still referenced
 
@@ -100,10 +101,10 @@ class HostMm:
                     self.pte(thp_down(hva) + i * PAGE) for i in range(THP_PAGES)):
                 base = self.mem.alloc_data(THP_PAGES, align=THP_PAGES)
                 for i in range(THP_PAGES):
-                    self.ptes[thp_down(hva) + i * PAGE] = HostPte(
-                        base + i, vma.writable, huge=True)
+                    self._set(thp_down(hva) + i * PAGE, HostPte(
+                        base + i, vma.writable, huge=True))
             else:
-                self.ptes[page_down(hva)] = HostPte(self.mem.alloc_data(), vma.writable)
+                self._set(page_down(hva), HostPte(self.mem.alloc_data(), vma.writable))
             pte = self.pte(hva)
         return pte
 
@@ -127,17 +128,25 @@ class HostMm:
             self.gup_refs[pfn] = refs - 1
 
     # -- mutations (each bracketed by notifiers by the platform) -----------
+    def _set(self, hva: int, pte: HostPte) -> None:
+        old = self.ptes.get(hva)
+        if old is not None:
+            self.mapcount[old.pfn] -= 1
+        self.ptes[hva] = pte
+        self.mapcount[pte.pfn] = self.mapcount.get(pte.pfn, 0) + 1
+
     def _drop(self, hva: int) -> None:
         pte = self.ptes.pop(page_down(hva), None)
-        if pte is None or self._still_mapped(pte.pfn):
+        if pte is None:
             return
+        self.mapcount[pte.pfn] -= 1
+        if self.mapcount[pte.pfn]:
+            return
+        del self.mapcount[pte.pfn]
         if self.gup_refs.get(pte.pfn):
             self.zombies.add(pte.pfn)
         else:
             self.mem.free(pte.pfn)
-
-    def _still_mapped(self, pfn: int) -> bool:
-        return any(p.pfn == pfn for p in self.ptes.values())
 
     def _split_around(self, start: int, end: int) -> None:
         for hva in (start, end - PAGE):
@@ -186,13 +195,13 @@ class HostMm:
             old = self.ptes[h]
             self._copy(old.pfn, base + i)
             self._drop(h)
-            self.ptes[h] = attrs.evolve(old, pfn=base + i, ksm=False)
+            self._set(h, attrs.evolve(old, pfn=base + i, ksm=False))
 
     def thp_split(self, hva: int) -> None:
         for i in range(THP_PAGES):
             h = thp_down(hva) + i * PAGE
             if h in self.ptes:
-                self.ptes[h] = attrs.evolve(self.ptes[h], huge=False)
+                self._set(h, attrs.evolve(self.ptes[h], huge=False))
 
     def thp_collapse(self, hva: int) -> None:
         """khugepaged: copy the 2 MiB window into a fresh huge page."""
@@ -205,24 +214,24 @@ class HostMm:
             if old is not None:
                 self._copy(old.pfn, base + i)
                 self._drop(h)
-            self.ptes[h] = HostPte(base + i, vma.writable, huge=True)
+            self._set(h, HostPte(base + i, vma.writable, huge=True))
 
     def ksm_merge(self, keep: int, merge: int) -> None:
         """``merge`` now maps ``keep``'s page, both read-only copy-on-write."""
         k = self.pte(keep)
         self._drop(merge)
-        self.ptes[page_down(keep)] = HostPte(k.pfn, False, ksm=True)
-        self.ptes[page_down(merge)] = HostPte(k.pfn, False, ksm=True)
+        self._set(page_down(keep), HostPte(k.pfn, False, ksm=True))
+        self._set(page_down(merge), HostPte(k.pfn, False, ksm=True))
 
     def cow_break(self, hva: int) -> None:
         old = self.pte(hva)
         vma = self.vma_at(hva)
         new = self.mem.alloc_data()
         self._copy(old.pfn, new)
-        self.ptes[page_down(hva)] = HostPte(new, vma.writable)
+        self._set(page_down(hva), HostPte(new, vma.writable))
         sharers = [h for h, p in self.ptes.items() if p.pfn == old.pfn]
         if len(sharers) == 1:  # the last sharer owns the page again
-            self.ptes[sharers[0]] = HostPte(old.pfn, self.vma_at(sharers[0]).writable)
+            self._set(sharers[0], HostPte(old.pfn, self.vma_at(sharers[0]).writable))
 
     def mprotect(self, start: int, end: int, writable: bool) -> None:
         self._split_vmas(start, end)
@@ -231,7 +240,7 @@ class HostMm:
         for hva in range(start, end, PAGE):
             pte = self.ptes.get(hva)
             if pte is not None and not pte.ksm:
-                self.ptes[hva] = attrs.evolve(pte, writable=writable)
+                self._set(hva, attrs.evolve(pte, writable=writable))
 
     def _split_vmas(self, start: int, end: int) -> None:
         out = []

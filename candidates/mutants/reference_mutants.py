@@ -15,7 +15,9 @@ from model import descriptors as d
 class _NoTlbiPageTable(PageTable):
     def unmap(self, start, end):
         real = self.svc.tlb_flush_vmid_ipa
-        self.svc.tlb_flush_vmid_ipa = lambda ipa, level=None: None
+        # Leaf TLBIs only: the walk-cache invalidation of pruned tables stays.
+        self.svc.tlb_flush_vmid_ipa = lambda ipa, level=None: (
+            real(ipa, level) if level is None else None)
         try:
             return super().unmap(start, end)
         finally:

@@ -1,0 +1,55 @@
+"""Run the conformance machine against one candidate, outside pytest.
+
+Used by the CLI, the mutant tests and the benchmarks. A run ends with a
+:class:`RunResult`: passed, or the (shrunk) failure with its step trace.
+"""
+
+from __future__ import annotations
+
+import time
+
+import attrs
+from hypothesis import settings as Settings
+from hypothesis.stateful import run_state_machine_as_test
+
+from conformance.errors import CandidateError, ConformanceFailure
+from conformance.machine import machine_for
+from conformance import profiles
+
+
+@attrs.define
+class RunResult:
+    candidate: str
+    status: str  # "pass", "fail" or "error"
+    seconds: float
+    failure: ConformanceFailure | None = None
+    trace: list[str] = attrs.Factory(list)
+    counters: dict = attrs.Factory(dict)
+
+    @property
+    def failed_property(self) -> str | None:
+        return None if self.failure is None else self.failure.property
+
+    @property
+    def steps(self) -> int:
+        """Rule steps in the shrunk counterexample (boot and teardown excluded)."""
+        return sum(1 for t in self.trace if ": boot(" not in t and "teardown" not in t)
+
+
+def run(name: str, candidate_cls: type, settings: Settings | None = None,
+        profile: str = "dev", **overrides) -> RunResult:
+    """Run the sequential machine for ``candidate_cls`` under ``profile`` (or
+    explicit ``settings``) with optional settings ``overrides``."""
+    base = settings or profiles.PROFILES[profile]
+    machine = machine_for(name, candidate_cls)
+    machine.last_failure = None
+    start = time.perf_counter()
+    try:
+        run_state_machine_as_test(machine, settings=Settings(base, **overrides))
+    except ConformanceFailure as exc:
+        found = machine.last_failure or (exc, [], None)
+        failure, trace, m = found
+        status = "error" if isinstance(failure, CandidateError) else "fail"
+        counters = dict(m.platform.counters) if m is not None and m.platform else {}
+        return RunResult(name, status, time.perf_counter() - start, failure, trace, counters)
+    return RunResult(name, "pass", time.perf_counter() - start)

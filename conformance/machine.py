@@ -10,6 +10,7 @@ rules too, so they shrink like everything else.
 
 from __future__ import annotations
 
+import collections
 import functools
 
 from hypothesis import event, note
@@ -43,7 +44,12 @@ def checked(fn):
         if self.platform is not None:
             self.platform.step = label
         try:
-            return fn(self, **kwargs)
+            result = fn(self, **kwargs)
+            if self.platform is not None and self.platform.events:
+                for label in sorted(self.platform.events):
+                    event(label)
+                self.platform.events.clear()
+            return result
         except ConformanceFailure as exc:
             exc.step = exc.step or label
             self.failed = True
@@ -62,6 +68,8 @@ class Stage2Machine(RuleBasedStateMachine):
     #: (failure, step labels, machine) of the most recent failing program; after
     #: a Hypothesis run this is the shrunk one (it is replayed last).
     last_failure = None
+    #: Cost counters summed over every passing program of this machine class.
+    totals: collections.Counter = collections.Counter()
 
     def __init__(self):
         super().__init__()
@@ -371,6 +379,10 @@ class Stage2Machine(RuleBasedStateMachine):
         except ConformanceFailure as exc:
             type(self).last_failure = (exc, list(self.trace), self)
             raise
+        totals = type(self).totals
+        totals.update(self.platform.counters)
+        totals["examples"] += 1
+        totals["steps"] += self.steps
 
 
 def machine_for(name: str, candidate_cls: type) -> type[Stage2Machine]:
@@ -384,4 +396,5 @@ def machine_for(name: str, candidate_cls: type) -> type[Stage2Machine]:
         self._boot(config, layout)
 
     return type(f"Stage2Machine_{safe}", (Stage2Machine,),
-                {"candidate_cls": candidate_cls, "boot": boot, "__module__": __name__})
+                {"candidate_cls": candidate_cls, "boot": boot, "__module__": __name__,
+                 "totals": collections.Counter()})

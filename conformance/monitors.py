@@ -36,6 +36,8 @@ from model import descriptors as d
 from model.geometry import granule
 from model.memory import PageUse
 
+_SIZE = {1: "1 GiB block", 2: "2 MiB block", 3: "4 KiB page"}
+
 #: Bits a live leaf may change without break-before-make (reference §1.5 rule 2).
 ATTR_ONLY = d.S2_PERMS | d.AF | d.SW_MASK
 
@@ -45,6 +47,7 @@ class Monitors:
         self.p = platform
         self.touched: set[int] = set()
         self.pending_dirty: set[tuple[int, int]] = set()
+        self.last_valid: dict[tuple[int, int], int] = {}
 
     def fail(self, prop: str, message: str):
         self.p.fail(prop, message)
@@ -64,12 +67,31 @@ class Monitors:
                           "(invalid + TLBI first; reference §2.4, §9.3 T1)")
         if d.is_valid(old) and d.is_table(old, level):
             self.p.unlink(d.pte_pa(old) >> 12, level + 1)
+        self._note_transition(pfn, idx, level, old, new)
         if d.is_valid(new):
             if d.is_table(new, level):
                 self.p.tlb_fill(ipa, level, new)
                 self.p.link(d.pte_pa(new) >> 12, ipa, level + 1)
             else:
                 self.on_new_valid(ipa, level, new, fresh=not d.is_valid(old), old=old)
+
+    def _note_transition(self, pfn: int, idx: int, level: int, old: int, new: int) -> None:
+        """Statistics for ``--hypothesis-show-statistics``: what the generated
+        programs actually did to the tree."""
+        ev = self.p.events
+        if d.is_valid(old) and not d.is_valid(new):
+            ev.add("break-before-make" if new == d.INVALID_PTE_LOCKED or new == 0 else "unmap")
+        if not d.is_valid(new):
+            return
+        prev = self.last_valid.get((pfn, idx), 0)
+        self.last_valid[(pfn, idx)] = new
+        was_table, is_table = d.is_table(prev, level), d.is_table(new, level)
+        if d.is_valid(prev) and not was_table and is_table:
+            ev.add("split: block -> table")
+        elif was_table and not is_table:
+            ev.add("collapse: table -> block")
+        elif d.is_valid(prev) and not is_table and (new & ~prev) & (d.S2AP_W | d.S2AP_R):
+            ev.add("permissions relaxed")
 
     def on_new_valid(self, ipa: int, level: int, pte: int, fresh: bool = True,
                      old: int = 0) -> None:
@@ -79,6 +101,7 @@ class Monitors:
         leaf = d.decode(pte, level)
         if fresh:
             self._check_no_conflict(ipa, leaf)
+            self.p.events.add(f"leaf created: {_SIZE[level]}")
         gained_write = leaf.write and not (d.is_valid(old) and old & d.S2AP_W)
         if fresh or gained_write:
             self._check_fidelity(ipa, leaf, fresh)

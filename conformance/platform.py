@@ -62,6 +62,7 @@ class Platform:
         self.pgd_pfn: int | None = None
         self.reachable: dict[int, tuple[int, int]] = {}  # table pfn -> (ipa, level)
         self.counters: collections.Counter = collections.Counter()
+        self.events: set[str] = set()  # labels for hypothesis.event(), per step
         self.current_vcpu: int | None = None
         self.step: str | None = None
         self.notifiers_in_progress: list[NotifierRange] = []
@@ -428,6 +429,9 @@ class Platform:
             self.memslots[new.id] = new
             if new.is_logging and not (old is not None and old.is_logging):
                 self.dirty[new.id] = set()
+            elif new.is_logging:  # MOVE keeps the bitmap, relative to the slot base
+                self.dirty[new.id] = {g - old.base_gfn + new.base_gfn
+                                      for g in self.dirty.get(old.id, ())}
         if new is None or not new.is_logging:
             self.dirty.pop((old or new).id, None)
         self.call("commit_memory_region", old, new, change)

@@ -315,6 +315,9 @@ class Oracle:
             self.memslots[new.id] = new
             if new.is_logging and not (old is not None and old.is_logging):
                 self.written[new.id] = set()
+            elif new.is_logging:  # MOVE keeps the dirty bitmap, slot-relative
+                self.written[new.id] = {g - old.base_gfn + new.base_gfn
+                                        for g in self.written.get(old.id, ())}
         if new is None or not new.is_logging:
             self.written.pop((old or new).id, None)
 

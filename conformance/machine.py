@@ -13,12 +13,15 @@ from __future__ import annotations
 import collections
 import functools
 
-from hypothesis import event, note
+from hypothesis import event as _event
+from hypothesis import note as _note
+from hypothesis.control import currently_in_test_context
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, precondition, rule
 
 from conformance.errors import CandidateError, ConformanceFailure, PropertyViolation
 from conformance.platform import Platform
+from conformance.replay import write_failure
 from conformance.protocol import SCTLR_C, SCTLR_M, MemslotChange, Memslot
 from model.cache import GARBAGE
 from model.host import PAGE, THP_SIZE
@@ -32,6 +35,16 @@ HOST_OPS = ["mprotect_ro", "mprotect_rw", "migrate", "madvise_dontneed", "munmap
 AGING = ["clear_flush_young", "clear_young", "test_young"]
 
 
+def event(label: str) -> None:
+    if currently_in_test_context():  # replays run outside Hypothesis
+        _event(label)
+
+
+def note(text: str) -> None:
+    if currently_in_test_context():
+        _note(text)
+
+
 def checked(fn):
     """Run a rule with its step label set; remember failures so teardown does
     not pile a second report on the first."""
@@ -41,6 +54,7 @@ def checked(fn):
         args = ", ".join(f"{k}={v!r}" for k, v in kwargs.items())
         label = f"{self.steps}: {fn.__name__}({args})"
         self.trace.append(label)
+        self.calls.append((fn.__name__, dict(kwargs)))
         if self.platform is not None:
             self.platform.step = label
         try:
@@ -54,6 +68,7 @@ def checked(fn):
             exc.step = exc.step or label
             self.failed = True
             type(self).last_failure = (exc, list(self.trace), self)
+            write_failure(self, exc)
             raise
         except BaseException:
             self.failed = True
@@ -77,6 +92,7 @@ class Stage2Machine(RuleBasedStateMachine):
         self.oracle: Oracle | None = None
         self.steps = 0
         self.trace: list[str] = []
+        self.calls: list[tuple[str, dict]] = []  # (rule, kwargs): the replay
         self.failed = False
         self.next_value = 0
         self.origin: dict[int, str] = {GARBAGE: "never-written memory (garbage)",
@@ -378,6 +394,7 @@ class Stage2Machine(RuleBasedStateMachine):
             self.platform.destroy()
         except ConformanceFailure as exc:
             type(self).last_failure = (exc, list(self.trace), self)
+            write_failure(self, exc)
             raise
         totals = type(self).totals
         totals.update(self.platform.counters)
@@ -396,5 +413,6 @@ def machine_for(name: str, candidate_cls: type) -> type[Stage2Machine]:
         self._boot(config, layout)
 
     return type(f"Stage2Machine_{safe}", (Stage2Machine,),
-                {"candidate_cls": candidate_cls, "boot": boot, "__module__": __name__,
+                {"candidate_cls": candidate_cls, "candidate_name": name, "boot": boot,
+                 "__module__": __name__,
                  "totals": collections.Counter()})

@@ -479,6 +479,23 @@ class Platform:
         self.host.get_page(pfn)
         return HostPage(pfn, pte.writable)
 
+    def describe_state(self, limit: int = 40) -> list[str]:
+        """The stage-2 leaves and every vCPU's TLB, for failure reports."""
+        out = []
+        if self.pgd_pfn is None:
+            out.append("stage 2: no PGD installed")
+        else:
+            leaves = self.leaves(0, self.geometry.ipa_limit)
+            out.append(f"stage 2 (PGD PA {self.pgd_pfn << 12:#x}): {len(leaves)} leaves")
+            for step, leaf in leaves[:limit]:
+                out.append(f"  IPA {step.ipa:#x}: {d.describe(step.pte, step.level)}")
+        for vcpu, tlb in enumerate(self.tlbs):
+            entries = sorted(tlb.leaves.values(), key=lambda e: (e.ipa, e.level))
+            out.append(f"vCPU{vcpu} TLB: {len(entries)} leaf entries, "
+                       f"{len(tlb.walks)} walk-cache entries")
+            out.extend(f"  {e.describe()}" for e in entries[:limit])
+        return out
+
     def leaves(self, start: int, end: int):
         if self.pgd_pfn is None:
             return []

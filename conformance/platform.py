@@ -389,6 +389,9 @@ class Platform:
             "ksm_merge": (NotifierEvent.CLEAR, lambda: h.ksm_merge(other, start)),
         }
         event, mutate = events[op]
+        if op == "ksm_merge":  # write_protect_page on the kept page first
+            self.notify(NotifierRange(page_down(other), page_down(other) + PAGE,
+                                      NotifierEvent.CLEAR), lambda: h.ksm_protect(other))
         if op in ("thp_split", "thp_collapse"):
             start, end = thp_down(start), thp_down(start) + THP_SIZE
         elif op == "migrate":

@@ -129,29 +129,34 @@ class HostMm:
 
     # -- mutations (each bracketed by notifiers by the platform) -----------
     def _set(self, hva: int, pte: HostPte) -> None:
-        old = self.ptes.get(hva)
-        if old is not None:
-            self.mapcount[old.pfn] -= 1
-        self.ptes[hva] = pte
         self.mapcount[pte.pfn] = self.mapcount.get(pte.pfn, 0) + 1
+        old = self.ptes.get(hva)
+        self.ptes[hva] = pte
+        if old is not None:
+            self._unmap_page(old.pfn)
 
     def _drop(self, hva: int) -> None:
         pte = self.ptes.pop(page_down(hva), None)
-        if pte is None:
+        if pte is not None:
+            self._unmap_page(pte.pfn)
+
+    def _unmap_page(self, pfn: int) -> None:
+        """One host PTE fewer maps ``pfn``; the last one frees it (or leaves it
+        to the last GUP reference)."""
+        self.mapcount[pfn] -= 1
+        if self.mapcount[pfn]:
             return
-        self.mapcount[pte.pfn] -= 1
-        if self.mapcount[pte.pfn]:
-            return
-        del self.mapcount[pte.pfn]
-        if self.gup_refs.get(pte.pfn):
-            self.zombies.add(pte.pfn)
+        del self.mapcount[pfn]
+        if self.gup_refs.get(pfn):
+            self.zombies.add(pfn)
         else:
-            self.mem.free(pte.pfn)
+            self.mem.free(pfn)
 
     def _split_around(self, start: int, end: int) -> None:
         for hva in (start, end - PAGE):
             pte = self.pte(hva)
-            if pte is not None and pte.huge:
+            covered = start <= thp_down(hva) and thp_down(hva) + THP_SIZE <= end
+            if pte is not None and pte.huge and not covered:
                 self.thp_split(hva)
 
     def mmap(self, start: int, end: int, writable: bool = True, thp: bool = False) -> None:
@@ -195,7 +200,7 @@ class HostMm:
             old = self.ptes[h]
             self._copy(old.pfn, base + i)
             self._drop(h)
-            self._set(h, attrs.evolve(old, pfn=base + i, ksm=False))
+            self._set(h, attrs.evolve(old, pfn=base + i))
 
     def thp_split(self, hva: int) -> None:
         for i in range(THP_PAGES):
@@ -224,16 +229,20 @@ class HostMm:
         self._set(page_down(merge), HostPte(k.pfn, False, ksm=True))
 
     def cow_break(self, hva: int) -> None:
+        """The writer gets a private copy; a KSM page stays copy-on-write for
+        every remaining mapper, even the last one (as Linux keeps it)."""
         old = self.pte(hva)
-        vma = self.vma_at(hva)
         new = self.mem.alloc_data()
         self._copy(old.pfn, new)
-        self._set(page_down(hva), HostPte(new, vma.writable))
-        sharers = [h for h, p in self.ptes.items() if p.pfn == old.pfn]
-        if len(sharers) == 1:  # the last sharer owns the page again
-            self._set(sharers[0], HostPte(old.pfn, self.vma_at(sharers[0]).writable))
+        self._set(page_down(hva), HostPte(new, self.vma_at(hva).writable))
+
+    def ksm_protect(self, keep: int) -> None:
+        """KSM's ``write_protect_page`` on the page it keeps."""
+        k = self.pte(keep)
+        self._set(page_down(keep), HostPte(k.pfn, False, ksm=True))
 
     def mprotect(self, start: int, end: int, writable: bool) -> None:
+        self._split_around(start, end)
         self._split_vmas(start, end)
         self.vmas = [attrs.evolve(v, writable=writable) if start <= v.start and v.end <= end
                      else v for v in self.vmas]

@@ -41,6 +41,8 @@ R6 Permission upgrades [§5.4, §9.5 N5] are invisible: nothing changes.
 
 from __future__ import annotations
 
+import functools
+
 import attrs
 
 from conformance.protocol import SCTLR_C, SCTLR_M, Exit, Memslot, VmConfig
@@ -92,7 +94,7 @@ class Oracle:
 
     # ------------------------------------------------------------ helpers
     def _closed(self, states) -> frozenset[LineState]:
-        return cache.hw_closure(states, idc=self.config.idc, dic=self.config.dic)
+        return _closure(frozenset(states), self.config.idc, self.config.dic)
 
     def _map(self, hva: int, fn) -> None:
         if hva in self.pages:
@@ -165,7 +167,10 @@ class Oracle:
             for g in self._window(slot, gfn):
                 if g not in self.exposed:
                     self.exposed.add(g)
-                    self._map(slot.gfn_to_hva(g), cache.clean_inval)  # G-C1
+                    hva = slot.gfn_to_hva(g)
+                    if self.vma_at(hva) is not None:
+                        self._page(hva)  # the host would zero it on first touch
+                    self._map(hva, cache.clean_inval)  # G-C1
         if exec_ and gfn not in self.exec_exposed:
             for g in self._window(slot, gfn):
                 if g not in self.exec_exposed:
@@ -279,6 +284,8 @@ class Oracle:
         """Apply a host mm operation whose notifier range is ``[start, end)``."""
         if op != "mprotect_rw":
             self.invalidate(start, end)  # R6: upgrades invalidate nothing
+        if op == "ksm_merge":
+            self.invalidate(other, other + PAGE)  # the kept page is write-protected
         if op in ("munmap", "madvise_dontneed"):
             for h in self._pages_in(start, end):
                 del self.pages[h]
@@ -288,6 +295,8 @@ class Oracle:
         elif op in ("migrate", "thp_collapse"):
             for h in self._pages_in(start, end):
                 self._copy(h)
+                if op == "thp_collapse":
+                    self.ksm.discard(h)
         elif op in ("mprotect_ro", "mprotect_rw"):
             self.vmas = _set_writable(self.vmas, start, end, op == "mprotect_rw")
         elif op == "ksm_merge":
@@ -328,6 +337,11 @@ class Oracle:
         extra = frozenset(reported - written)
         self.written[slot.id] = set()
         return missing, extra
+
+
+@functools.lru_cache(maxsize=4096)
+def _closure(states: frozenset, idc: bool, dic: bool) -> frozenset[LineState]:
+    return cache.hw_closure(states, idc=idc, dic=dic)
 
 
 def _cut(vmas, start, end):

@@ -67,6 +67,8 @@ def walk_from(read_table: ReadTable, table_pfn: int, level: int, ipa: int,
             table_pfn = d.pte_pa(pte) >> 12
             level += 1
             continue
+        if not d.is_leaf(pte, level):  # reserved L3 encoding, or an L0 block
+            return WalkFault(FaultKind.TRANSLATION, level)
         return Translation(base, d.decode(pte, level), path[-1].ptep)
 
 

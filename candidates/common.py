@@ -79,7 +79,8 @@ class PageTable:
 
     # ------------------------------------------------------------- changing
     def clean(self, pte: int, level: int) -> None:
-        if d.is_cacheable(pte, self.fwb):
+        """``__clean_dcache_guest_page``: nothing to do with FWB (reference §2.3)."""
+        if not self.fwb and d.is_cacheable(pte, self.fwb):
             self.svc.dcache_clean_inval_poc(d.pte_pa(pte), granule(level))
 
     def install(self, ptep: int, old: int, new: int, ipa: int, level: int) -> None:

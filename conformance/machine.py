@@ -111,7 +111,6 @@ class Stage2Machine(RuleBasedStateMachine):
         for v in layout.vmas:
             p.host_mmap(v.start, v.end, v.thp)
             self.oracle.mmap(v.start, v.end)
-        p.step = "0: boot"
         p.candidate = p.construct(self.candidate_cls)
         for vcpu in range(config.nr_vcpus):
             p.call("vcpu_init", vcpu, vcpu=vcpu)
@@ -286,14 +285,6 @@ class Stage2Machine(RuleBasedStateMachine):
         start = hva & ~(THP_SIZE - 1) if huge else hva
         self.platform.aging(op, start, start + (THP_SIZE if huge else PAGE))
 
-    @precondition(lambda self: self.live and self.steps >= 10)
-    @rule()
-    @checked
-    def host_exit_mmap(self):
-        """The VMM exits: notifier ``release`` (only after a few steps, so
-        that it does not cut most programs short)."""
-        self.platform.exit_mmap()
-
     # ------------------------------------------------------------ memslots
     def _slot(self, which: int) -> Memslot:
         ids = sorted(self.slots)
@@ -327,11 +318,14 @@ class Stage2Machine(RuleBasedStateMachine):
         self._change(old, new, MemslotChange.FLAGS_ONLY)
         event(f"dirty logging {'on' if new.log_dirty_pages else 'off'}")
 
-    @precondition(lambda self: self.live and any(s.is_logging for s in self.slots.values()))
+    @precondition(lambda self: self.live)
     @rule(which=INDEX)
     @checked
     def memslot_harvest(self, which):
+        """KVM_GET_DIRTY_LOG on a logging slot (a no-op when none logs)."""
         logging = [s for s in self.slots.values() if s.is_logging]
+        if not logging:
+            return
         slot = logging[which % len(logging)]
         got = self.platform.get_dirty_log(slot)
         missing, extra = self.oracle.harvest(slot, got)
@@ -367,7 +361,7 @@ class Stage2Machine(RuleBasedStateMachine):
         self._change(old, new, MemslotChange.MOVE)
 
     # ------------------------------------------------------------ hardware
-    @precondition(lambda self: self.platform is not None)  # always possible
+    @precondition(lambda self: self.live)
     @rule(op=st.sampled_from(["tlb_evict", "fill", "evict", "ifill", "ievict"]),
           vcpu=VCPU, where=INDEX)
     @checked
@@ -376,8 +370,6 @@ class Stage2Machine(RuleBasedStateMachine):
         fill or evict the D- or I-cache line of the page at ``where``."""
         if op == "tlb_evict":
             return self.platform.hw_tlb_evict(self._vcpu(vcpu), where)
-        if not self.live:
-            return
         hva = self._hva(where)
         pte = None if hva is None else self.platform.host.pte(hva)
         if pte is not None:
@@ -385,12 +377,16 @@ class Stage2Machine(RuleBasedStateMachine):
 
     # ------------------------------------------------------------ teardown
     def teardown(self):
+        """The VMM exits: ``exit_mmap`` raises the notifier ``release``, then
+        the VM is destroyed and every table page and GUP reference must be
+        gone (reference §5.2, §9.1 S2, §9.5 N3/N6)."""
         if self.platform is None or self.failed:
             return
-        label = f"{self.steps + 1}: teardown (destroy + leak checks)"
+        label = f"{self.steps + 1}: teardown (exit_mmap release, destroy, leak checks)"
         self.platform.step = label
         self.trace.append(label)
         try:
+            self.platform.exit_mmap()
             self.platform.destroy()
         except ConformanceFailure as exc:
             type(self).last_failure = (exc, list(self.trace), self)

@@ -72,6 +72,7 @@ class Platform:
         self.mmu_lock_writer = False
         self.service_calls = 0
         self.depth = 0
+        self.swallowed: PropertyViolation | None = None
         self.released = False
         self.candidate = None
         self.monitors = (monitors_cls or Monitors)(self)
@@ -82,7 +83,12 @@ class Platform:
         return PropertyViolation(prop, message, step=self.step)
 
     def fail(self, prop: str, message: str):
-        raise self.violation(prop, message)
+        """Raise a violation. It is also remembered, so that a candidate which
+        catches exceptions around service calls cannot hide it."""
+        exc = self.violation(prop, message)
+        if self.swallowed is None:
+            self.swallowed = exc
+        raise exc
 
     # --------------------------------------------------------- candidate calls
     def call(self, method: str, *args, vcpu: int | None = None,
@@ -103,6 +109,8 @@ class Platform:
         finally:
             self.current_vcpu = outer_vcpu
             self.depth -= 1
+        if self.swallowed is not None:
+            raise self.swallowed
         if returns is not None and not isinstance(result, returns):
             want = returns.__name__ if isinstance(returns, type) else \
                 " or ".join(t.__name__ for t in returns)

@@ -18,6 +18,7 @@ from hypothesis import HealthCheck, Phase, settings
 
 PHASES = (Phase.explicit, Phase.reuse, Phase.generate, Phase.target, Phase.shrink)
 COMMON = dict(deadline=None, phases=PHASES, stateful_step_count=40,
+              report_multiple_bugs=False,
               suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 
 PROFILES = {

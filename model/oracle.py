@@ -29,8 +29,9 @@ R4 Maintenance promises [§6.5 G-C1..G-C4]. KVM cleans+invalidates a page to
    invalidates the I-cache before a page becomes executable [G-C2]. A page is
    *exposed* from the first guest access to any gfn in its 2 MiB window of the
    memslot (the largest block a correct candidate could have mapped) until an
-   invalidation covers it; the oracle applies G-C1 when exposure starts and
-   G-C4 when it ends. Between promises anything the hardware may do is
+   invalidation covers it; the oracle applies G-C1 and G-C2 when exposure
+   starts (a candidate may grant execute permission at map time) and G-C4
+   when it ends. Between promises anything the hardware may do is
    accepted: this is how "indeterminate" is defined, per page and per
    observer, without ever naming it.
 R5 Dirty logging [§4.7, §9.4 D2/D4]. A harvest must report every gfn the guest
@@ -78,7 +79,6 @@ class Oracle:
     sctlr: list[int] = attrs.Factory(list)
     tvm_armed: list[bool] = attrs.Factory(list)
     exposed: set[int] = attrs.Factory(set)
-    exec_exposed: set[int] = attrs.Factory(set)
     written: dict[int, set[int]] = attrs.Factory(dict)
 
     def __attrs_post_init__(self):
@@ -89,7 +89,7 @@ class Oracle:
     def clone(self) -> "Oracle":
         return Oracle(self.config, dict(self.memslots), list(self.vmas), dict(self.pages),
                       set(self.ksm), list(self.sctlr), list(self.tvm_armed),
-                      set(self.exposed), set(self.exec_exposed),
+                      set(self.exposed),
                       {k: set(v) for k, v in self.written.items()})
 
     # ------------------------------------------------------------ helpers
@@ -162,27 +162,25 @@ class Oracle:
         base = gfn - gfn % WINDOW_PAGES
         return range(max(base, slot.base_gfn), min(base + WINDOW_PAGES, slot.end_gfn))
 
-    def _expose(self, slot: Memslot, gfn: int, exec_: bool) -> None:
-        if gfn not in self.exposed:
-            for g in self._window(slot, gfn):
-                if g not in self.exposed:
-                    self.exposed.add(g)
-                    hva = slot.gfn_to_hva(g)
-                    if self.vma_at(hva) is not None:
-                        self._page(hva)  # the host would zero it on first touch
-                    self._map(hva, cache.clean_inval)  # G-C1
-        if exec_ and gfn not in self.exec_exposed:
-            for g in self._window(slot, gfn):
-                if g not in self.exec_exposed:
-                    self.exec_exposed.add(g)
-                    self._map(slot.gfn_to_hva(g), cache.iinval)  # G-C2
+    def _expose(self, slot: Memslot, gfn: int) -> None:
+        """A page may be mapped — and executable: KVM grants X lazily, but a
+        candidate may grant it at map time (as KVM does with DIC), so the
+        I-cache promise (G-C2) is also taken at first access."""
+        if gfn in self.exposed:
+            return
+        for g in self._window(slot, gfn):
+            if g not in self.exposed:
+                self.exposed.add(g)
+                hva = slot.gfn_to_hva(g)
+                if self.vma_at(hva) is not None:
+                    self._page(hva)  # the host would zero it on first touch
+                self._map(hva, _maintain)  # G-C1, G-C2
 
     def _unexpose(self, slot: Memslot, gfns) -> None:
         for g in gfns:
             if g in self.exposed:
                 self.exposed.discard(g)
                 self._map(slot.gfn_to_hva(g), cache.clean_inval)  # G-C4
-            self.exec_exposed.discard(g)
 
     def _flush_exposed(self) -> None:
         """``stage2_flush_vm``: clean+invalidate all mapped guest RAM."""
@@ -213,9 +211,7 @@ class Oracle:
             return frozenset([Outcome(value=value)])
         states = self._page(hva)
         if gfn not in self.exposed:
-            states = self._closed(cache.clean_inval(s) for s in states)
-        if kind == "exec" and gfn not in self.exec_exposed:
-            states = self._closed(cache.iinval(s) for s in states)
+            states = self._closed(_maintain(s) for s in states)
         view = "exec" if kind == "exec" else (
             "cacheable" if self.guest_cacheable(vcpu) else "nc")
         return frozenset(Outcome(value=self._read(s, view)[0]) for s in states)
@@ -228,7 +224,7 @@ class Oracle:
         if kind == "write":
             self._break_cow(hva)
         self._page(hva)
-        self._expose(slot, gfn, kind == "exec")
+        self._expose(slot, gfn)
         cacheable = self.guest_cacheable(vcpu)
         if kind == "write":
             self._write(hva, value, cacheable)
@@ -337,6 +333,11 @@ class Oracle:
         extra = frozenset(reported - written)
         self.written[slot.id] = set()
         return missing, extra
+
+
+def _maintain(s: LineState) -> LineState:
+    """What KVM does before a page becomes guest-accessible (G-C1, G-C2)."""
+    return cache.iinval(cache.clean_inval(s))
 
 
 @functools.lru_cache(maxsize=4096)

@@ -49,7 +49,13 @@ def configs(caps: Capabilities = Capabilities()) -> st.SearchStrategy[VmConfig]:
         dic=st.booleans() if caps.dic else st.just(False),
         idc=st.booleans(),
         nr_vcpus=st.integers(1, max(1, min(4, caps.max_vcpus))),
-    )
+    ).map(_architectural)
+
+
+def _architectural(config: VmConfig) -> VmConfig:
+    """FEAT_S2FWB requires CLIDR_EL1.{LoUU,LoUIS} == 0: no data cache needs
+    cleaning for instruction-fetch coherency, i.e. it behaves as IDC."""
+    return attrs.evolve(config, idc=True) if config.fwb else config
 
 
 @st.composite

@@ -175,7 +175,8 @@ class Monitors:
                       "(reference §9.4 D2/D3)")
 
     def on_table_freed(self, pfn: int) -> None:
-        if pfn in self.p.reachable and self.p.mem.page_use(pfn) is not PageUse.PGD:
+        if pfn in self.p.reachable and self.p.mem.page_use(pfn) is not PageUse.PGD \
+                and not self.p.vmid_dead:
             self.fail("table-lifecycle", f"table page PA {pfn << 12:#x} freed while still "
                       "linked into the stage-2 tree (use after free by every walker)")
         for vcpu, tlb in enumerate(self.p.tlbs):

@@ -74,6 +74,7 @@ class Platform:
         self.depth = 0
         self.swallowed: PropertyViolation | None = None
         self.released = False
+        self.vmid_dead = False
         self.candidate = None
         self.monitors = (monitors_cls or Monitors)(self)
         self.services = Services(self)
@@ -397,6 +398,13 @@ class Platform:
             "ksm_merge": (NotifierEvent.CLEAR, lambda: h.ksm_merge(other, start)),
         }
         event, mutate = events[op]
+        for hva in (start, end - PAGE):  # split_huge_pmd: CLEAR over the whole PMD
+            pte = h.pte(hva)
+            window = thp_down(hva)
+            if pte is not None and pte.huge and not (start <= window and window + THP_SIZE <= end) \
+                    and op not in ("thp_split", "thp_collapse", "migrate"):
+                self.notify(NotifierRange(window, window + THP_SIZE, NotifierEvent.CLEAR),
+                            lambda w=window: h.thp_split(w))
         if op == "ksm_merge":  # write_protect_page on the kept page first
             self.notify(NotifierRange(page_down(other), page_down(other) + PAGE,
                                       NotifierEvent.CLEAR), lambda: h.ksm_protect(other))
@@ -421,7 +429,9 @@ class Platform:
 
     def _vmid_dead(self) -> None:
         """No vCPU runs once the VM is being torn down; KVM relies on VMID
-        rollover instead of TLBIs (reference §5.2), which empties the TLBs."""
+        rollover instead of TLBIs (reference §5.2), which empties the TLBs, and
+        frees the detached tree without clearing entries first."""
+        self.vmid_dead = True
         for tlb in self.tlbs:
             tlb.invalidate_all()
 

@@ -1,0 +1,140 @@
+"""The stage2-conformance pytest plugin (entry point ``pytest11:
+stage2_conformance``; active wherever the distribution is installed).
+
+What it does:
+
+* Registers the Hypothesis profiles (:mod:`conformance.profiles`) and, when
+  the user did not pass ``--hypothesis-profile`` and Hypothesis is still on its
+  ``default`` profile, loads ``dev``. (Under CI Hypothesis loads ``ci`` by
+  itself; ours is registered under that name, so it is the one that applies.)
+  The plugin is active in every pytest run of the environment it is installed
+  in, so this (and the report header) only happens when the session runs the
+  suite: with ``--candidate``, or with the rootdir being this repository.
+  Other projects keep their own Hypothesis defaults.
+* Adds ``--candidate NAME`` (repeatable). Every name is resolved through
+  :mod:`conformance.registry` first; an unknown or broken candidate is a
+  ``pytest.UsageError`` whose one-line message lists the available candidates.
+
+How the conformance machines are collected (the one mechanism):
+
+* The machines live in :mod:`conformance.suite`, which builds one unittest
+  ``TestConformance_<name>`` class per selected candidate when it is imported.
+* **With** ``--candidate``: ``pytest_configure`` replaces ``config.args`` with
+  the path of ``conformance/suite.py`` inside the installed package, so the
+  session collects exactly those machines and nothing else, from any working
+  directory (a user's own repository, where our ``tests/`` does not exist).
+  A path given on the command line is collected whatever ``python_files``
+  says, and unittest classes are collected whatever ``python_classes`` says.
+  Other positional arguments are ignored; ``-k``, ``-x``, ``-n`` … still work.
+  xdist workers re-parse the same command line, so they select and collect the
+  same items. Test ids are ``conformance/suite.py::TestConformance_<name>::runTest``
+  wherever pytest runs (see :func:`pytest_pycollect_makemodule`).
+* **Without** ``--candidate``: nothing is redirected. The repository's
+  ``tests/test_suite.py`` re-exports the classes of :mod:`conformance.suite`,
+  which then selects every registered candidate that is not a known-bug
+  mutant (the mutants have their own test module).
+
+The selection is handed to :mod:`conformance.suite` through
+:func:`selected_candidates`.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+
+from conformance import profiles  # noqa: F401 — registers dev / ci / thorough
+from conformance import registry
+
+#: The pytest module holding the conformance machines.
+SUITE = Path(__file__).resolve().with_name("suite.py")
+
+_selected: list[str] | None = None
+
+
+def selected_candidates() -> list[str] | None:
+    """The candidate names given with ``--candidate`` in the running pytest
+    session (validated, duplicates removed), or ``None`` when none were given
+    (or outside pytest)."""
+    return None if _selected is None else list(_selected)
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    group = parser.getgroup("stage2-conformance", "stage2-conformance")
+    group.addoption(
+        "--candidate", action="append", dest="stage2_candidates", metavar="NAME",
+        default=None,
+        help="run only the conformance machines of this registered candidate "
+             "(repeatable; see `stage2-conformance list`)")
+
+
+def _runs_the_suite(config: pytest.Config) -> bool:
+    """``--candidate`` given, or pytest running in this repository."""
+    if config.getoption("stage2_candidates", None):
+        return True
+    return Path(config.rootpath).resolve() == SUITE.parent.parent
+
+
+def _load_default_profile(config: pytest.Config) -> None:
+    from hypothesis import settings
+
+    if not _runs_the_suite(config) or config.getoption("hypothesis_profile", None):
+        return
+    if settings.get_current_profile_name() == "default":
+        settings.load_profile("dev")
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    global _selected
+    _load_default_profile(config)
+
+    names = config.getoption("stage2_candidates", None)
+    _selected = None
+    if names:
+        for name in names:
+            try:
+                registry.load(name)
+            except (registry.UnknownCandidate, registry.CandidateImportError) as exc:
+                raise pytest.UsageError(str(exc)) from None
+        _selected = list(dict.fromkeys(names))
+        config.args = [str(SUITE)]
+        config.args_source = pytest.Config.ArgsSource.ARGS
+    built = sys.modules.get("conformance.suite")
+    if built is not None and getattr(built, "BUILT_FOR", None) != _selected:
+        # A second in-process session (pytester, IDEs) with another selection
+        # must rebuild the module rather than reuse the cached one.
+        sys.modules.pop("conformance.suite", None)
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_pycollect_makemodule(module_path: Path, parent: pytest.Collector):
+    """Give ``suite.py`` the node id ``conformance/suite.py`` when it lies
+    outside the rootdir (an installed package under a user's repository);
+    pytest would otherwise give an initial-path file an empty module part
+    (``::TestConformance_x::runTest``)."""
+    if _selected is None or Path(module_path).resolve() != SUITE:
+        return None
+    if Path(module_path).resolve().is_relative_to(parent.config.rootpath.resolve()):
+        return None
+    return pytest.Module.from_parent(parent, path=Path(module_path),
+                                     nodeid="conformance/suite.py")
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    global _selected
+    _selected = None
+
+
+def pytest_report_header(config: pytest.Config) -> list[str]:
+    if not _runs_the_suite(config):
+        return []
+    from hypothesis import settings
+
+    from conformance import suite
+
+    names = ", ".join(suite.SELECTED) or "(none)"
+    how = "--candidate" if _selected is not None else "bundled correct candidates"
+    return [f"stage2-conformance: candidates under test ({how}): {names}; "
+            f"hypothesis profile {settings.get_current_profile_name()!r}"]

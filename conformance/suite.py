@@ -1,0 +1,111 @@
+"""The conformance machines as pytest tests (collected through
+:mod:`conformance.plugin`; see its docstring for how).
+
+When imported, this module defines one unittest class
+``TestConformance_<safe name>`` per selected candidate (``safe name``: the
+candidate name with every non-alphanumeric character replaced by ``_``), so
+test ids are stable, e.g. ``conformance/suite.py::TestConformance_reference::runTest``.
+
+Selection: the names given with ``pytest --candidate`` if any; otherwise every
+registered candidate that is not a known-bug mutant (``known_bug = False``).
+A registered candidate that fails to import becomes a test that fails with the
+one-line import error, so one broken plug-in does not hide the others.
+
+Each test runs the sequential machine (:func:`conformance.machine.machine_for`)
+under the Hypothesis profile that is loaded *when the test runs*
+(``--hypothesis-profile``, the ``ci`` auto-detection, or ``dev``), with
+``deadline=None`` forced because a deadline would apply to a whole program.
+"""
+
+from __future__ import annotations
+
+import unittest
+
+from hypothesis import settings as Settings
+
+from conformance import plugin, registry
+from conformance.machine import machine_for
+
+#: The candidate names this module was built for, in order.
+SELECTED: list[str] = []
+#: ``plugin.selected_candidates()`` when it was built (None: the default set).
+BUILT_FOR: list[str] | None = plugin.selected_candidates()
+
+__all__: list[str] = []
+
+
+class _CurrentProfileSettings:
+    """``StateMachineTestCase.settings`` as a descriptor: the current profile,
+    read at access time (the inherited ``runTest`` reads ``self.settings``)."""
+
+    def __get__(self, obj, owner=None) -> Settings:
+        return Settings(Settings(), deadline=None)
+
+
+def safe_name(name: str) -> str:
+    """The identifier form of a candidate name (as :func:`machine_for` uses)."""
+    return "".join(c if c.isalnum() else "_" for c in name)
+
+
+def selection() -> list[tuple[str, type | Exception]]:
+    """``(name, class)`` for every selected candidate, or ``(name, error)`` for
+    one that failed to import."""
+    explicit = plugin.selected_candidates()
+    chosen: list[tuple[str, type | Exception]] = []
+    if explicit is not None:
+        for name in explicit:
+            try:
+                chosen.append((name, registry.load(name)))
+            except (registry.UnknownCandidate, registry.CandidateImportError) as exc:
+                chosen.append((name, exc))
+        return chosen
+    for name, ep in registry.available().items():
+        try:
+            cls = registry.load_entry_point(ep)
+        except registry.CandidateImportError as exc:
+            chosen.append((name, exc))
+            continue
+        if not registry.is_known_bug(cls):
+            chosen.append((name, cls))
+    return chosen
+
+
+def conformance_test_case(name: str, cls: type) -> type[unittest.TestCase]:
+    """The pytest-collectable TestCase running ``cls``'s conformance machine
+    under the current Hypothesis profile."""
+    base = machine_for(name, cls).TestCase
+    return type(f"TestConformance_{safe_name(name)}", (base,), {
+        "settings": _CurrentProfileSettings(),
+        "candidate_name": name,
+        "candidate_cls": cls,
+        "__module__": __name__,
+        "__doc__": f"Conformance of candidate {name!r} ({cls.__module__}.{cls.__qualname__}).",
+    })
+
+
+def broken_test_case(name: str, error: Exception) -> type[unittest.TestCase]:
+    """A TestCase that fails with ``error``'s one-line message."""
+    message = str(error)
+
+    def runTest(self):
+        self.fail(message)
+
+    return type(f"TestConformance_{safe_name(name)}", (unittest.TestCase,), {
+        "runTest": runTest, "candidate_name": name, "__module__": __name__})
+
+
+def _build() -> None:
+    for name, found in selection():
+        case = (broken_test_case(name, found) if isinstance(found, Exception)
+                else conformance_test_case(name, found))
+        attr, n = case.__name__, 2
+        while attr in globals():  # "a-b" and "a_b" both registered
+            attr = f"{case.__name__}_{n}"
+            n += 1
+        case.__name__ = case.__qualname__ = attr
+        globals()[attr] = case
+        __all__.append(attr)
+        SELECTED.append(name)
+
+
+_build()

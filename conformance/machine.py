@@ -98,6 +98,9 @@ class Stage2Machine(RuleBasedStateMachine):
         self.origin: dict[int, str] = {GARBAGE: "never-written memory (garbage)",
                                        0: "zero (a fresh page)"}
         self.holes: list[tuple[int, int]] = []
+        #: (step, where, allowed, observed) per guest access and VMM read, for
+        #: the report's expected-vs-observed column (see record_observation).
+        self.observations: list[tuple] = []
 
     # ------------------------------------------------------------- set-up
     def _boot(self, config, layout):
@@ -143,6 +146,15 @@ class Stage2Machine(RuleBasedStateMachine):
             return outcome.describe()
         return f"value {outcome.value} ({self.origin.get(outcome.value, 'unknown')})"
 
+    # -------------------------------------------------------- observations
+    def record_observation(self, where: tuple, allowed, got) -> None:
+        """Remember what an observer saw and what the oracle allowed in this
+        step, for the failure report (:mod:`conformance.report`). ``where`` is
+        ``(vcpu, kind, ipa)`` for a guest access and ``("vmm", "read", hva)``
+        for a VMM read; ``allowed`` is the oracle's set, ``got`` the
+        observation (formatted only when a report is written)."""
+        self.observations.append((self.steps, where, allowed, got))
+
     # --------------------------------------------------------------- guest
     def _guest_access(self, vcpu, where, kind):
         vcpu, gfn = self._vcpu(vcpu), self._gfn(where)
@@ -151,6 +163,7 @@ class Stage2Machine(RuleBasedStateMachine):
         value = self._value(f"guest write by vCPU{vcpu}") if kind == "write" else None
         got = self.platform.guest_access(vcpu, gfn << 12, kind, value)
         allowed = self.oracle.guest_access(vcpu, gfn, kind, value, observed=got)
+        self.record_observation((vcpu, kind, gfn << 12), allowed, got)
         event(f"guest {kind}: {got.exit.value if got.exit else 'value'}")
         if got not in allowed:
             mode = "caches on" if self.oracle.guest_cacheable(vcpu) else "MMU/caches off"
@@ -179,43 +192,38 @@ class Stage2Machine(RuleBasedStateMachine):
         self._guest_access(vcpu, where, "exec")
 
     @precondition(lambda self: self.live)
-    @rule(vcpu=VCPU, mmu=st.booleans(), caches=st.booleans())
+    @rule(vcpu=VCPU, op=st.sampled_from(["sctlr", "set_way"]), mmu=st.booleans(),
+          caches=st.booleans())
     @checked
-    def guest_write_sctlr(self, vcpu, mmu, caches):
+    def guest_cache_control(self, vcpu, op, mmu, caches):
+        """The guest writes SCTLR_EL1.{M,C} (trapped while TVM is set) or issues
+        a DC CISW set/way op (always trapped)."""
         vcpu = self._vcpu(vcpu)
+        if op == "set_way":
+            self.platform.guest_set_way(vcpu)
+            self.oracle.set_way(vcpu)
+            return
         new = (SCTLR_M if mmu else 0) | (SCTLR_C if caches else 0)
         self.platform.guest_write_sctlr(vcpu, new)
         self.oracle.write_sctlr(vcpu, new)
 
-    @precondition(lambda self: self.live)
-    @rule(vcpu=VCPU)
-    @checked
-    def guest_set_way(self, vcpu):
-        vcpu = self._vcpu(vcpu)
-        self.platform.guest_set_way(vcpu)
-        self.oracle.set_way(vcpu)
-
     # ----------------------------------------------------------------- VMM
     @precondition(lambda self: self.live)
-    @rule(where=INDEX)
+    @rule(op=st.sampled_from(["write", "read"]), where=INDEX)
     @checked
-    def vmm_write(self, where):
+    def vmm(self, op, where):
+        """The VMM writes or reads guest memory through its mapping (hva)."""
         hva = self._hva(where)
         if hva is None or not self.oracle.vma_at(hva):
             return
-        value = self._value("VMM write")
-        self.platform.vmm_write(hva, value)
-        self.oracle.vmm_write(hva, value)
-
-    @precondition(lambda self: self.live)
-    @rule(where=INDEX)
-    @checked
-    def vmm_read(self, where):
-        hva = self._hva(where)
-        if hva is None or self.oracle.vma_at(hva) is None:
+        if op == "write":
+            value = self._value("VMM write")
+            self.platform.vmm_write(hva, value)
+            self.oracle.vmm_write(hva, value)
             return
         got = self.platform.vmm_read(hva)
         allowed = self.oracle.vmm_read(hva, observed=got)
+        self.record_observation(("vmm", "read", hva), allowed, got)
         if got not in allowed:
             want = " or ".join(f"{v} ({self.origin.get(v, '?')})" for v in sorted(allowed))
             raise PropertyViolation(
@@ -301,11 +309,19 @@ class Stage2Machine(RuleBasedStateMachine):
             self.slots[new.id] = new
 
     @precondition(lambda self: self.live)
-    @rule(op=st.sampled_from(["toggle_logging", "delete", "recreate", "move"]), which=INDEX)
+    @rule(which=INDEX)
+    @checked
+    def memslot_toggle_logging(self, which):
+        """KVM_SET_USER_MEMORY_REGION flipping KVM_MEM_LOG_DIRTY_PAGES (its own
+        rule: the flips drive split, collapse and write-protection)."""
+        if self.slots:
+            self._memslot_toggle_logging(which)
+
+    @precondition(lambda self: self.live)
+    @rule(op=st.sampled_from(["delete", "recreate", "move"]), which=INDEX)
     @checked
     def memslot(self, op, which):
-        """KVM_SET_USER_MEMORY_REGION: flip dirty logging, delete, re-create or
-        move a memslot."""
+        """KVM_SET_USER_MEMORY_REGION: delete, re-create or move a memslot."""
         if op == "recreate":
             return self._memslot_recreate(which)
         if self.slots:
@@ -398,17 +414,20 @@ class Stage2Machine(RuleBasedStateMachine):
         totals["steps"] += self.steps
 
 
-def machine_for(name: str, candidate_cls: type) -> type[Stage2Machine]:
+def machine_for(name: str, candidate_cls: type,
+                class_name: str | None = None) -> type[Stage2Machine]:
     """A machine subclass bound to one candidate, with a stable name (so the
-    example database keys and test ids are stable per candidate)."""
-    safe = "".join(c if c.isalnum() else "_" for c in name)
+    example database keys and test ids are stable per candidate). Machines
+    given the same ``class_name`` generate the same programs under a
+    derandomized profile, which is how candidates are compared."""
+    safe = class_name or "Stage2Machine_" + "".join(c if c.isalnum() else "_" for c in name)
 
     @initialize(config=configs(candidate_cls.capabilities), layout=layouts())
     @checked
     def boot(self, config, layout):
         self._boot(config, layout)
 
-    return type(f"Stage2Machine_{safe}", (Stage2Machine,),
+    return type(safe, (Stage2Machine,),
                 {"candidate_cls": candidate_cls, "candidate_name": name, "boot": boot,
                  "__module__": __name__,
                  "totals": collections.Counter()})

@@ -25,6 +25,8 @@ class RunResult:
     failure: ConformanceFailure | None = None
     trace: list[str] = attrs.Factory(list)
     counters: dict = attrs.Factory(dict)
+    examples: int = 0  # passing programs run (for a failure: until the first)
+    total_steps: int = 0
 
     @property
     def failed_property(self) -> str | None:
@@ -37,12 +39,26 @@ class RunResult:
 
 
 def run(name: str, candidate_cls: type, settings: Settings | None = None,
-        profile: str = "dev", **overrides) -> RunResult:
+        profile: str = "dev", seed: int | None = None, same_programs: bool = False,
+        **overrides) -> RunResult:
     """Run the sequential machine for ``candidate_cls`` under ``profile`` (or
-    explicit ``settings``) with optional settings ``overrides``."""
+    explicit ``settings``) with optional settings ``overrides``. ``seed``
+    makes a random (non-derandomized) run reproducible.
+
+    On a pass, ``counters`` are the cost counters summed over every program
+    (the same programs for every candidate under the same profile and seed,
+    since the machine's rules do not depend on the candidate): with
+    ``same_programs`` every candidate runs the identical derandomized or seeded
+    programs, for cost comparisons."""
     base = settings or profiles.PROFILES[profile]
-    machine = machine_for(name, candidate_cls)
+    if seed is not None:
+        overrides = {"derandomize": False, "database": None, **overrides}
+    machine = machine_for(name, candidate_cls,
+                          class_name="Stage2Machine_compare" if same_programs else None)
     machine.last_failure = None
+    machine.totals.clear()
+    # hypothesis.seed() on the machine class is what @seed does for stateful tests
+    machine._hypothesis_internal_use_seed = seed
     start = time.perf_counter()
     try:
         run_state_machine_as_test(machine, settings=Settings(base, **overrides))
@@ -51,5 +67,9 @@ def run(name: str, candidate_cls: type, settings: Settings | None = None,
         failure, trace, m = found
         status = "error" if isinstance(failure, CandidateError) else "fail"
         counters = dict(m.platform.counters) if m is not None and m.platform else {}
-        return RunResult(name, status, time.perf_counter() - start, failure, trace, counters)
-    return RunResult(name, "pass", time.perf_counter() - start)
+        return RunResult(name, status, time.perf_counter() - start, failure, trace, counters,
+                         examples=machine.totals["examples"])
+    totals = dict(machine.totals)
+    return RunResult(name, "pass", time.perf_counter() - start,
+                     counters={k: v for k, v in totals.items() if k not in ("examples", "steps")},
+                     examples=totals.get("examples", 0), total_steps=totals.get("steps", 0))

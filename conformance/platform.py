@@ -75,6 +75,7 @@ class Platform:
         self.swallowed: PropertyViolation | None = None
         self.released = False
         self.vmid_dead = False
+        self.logging_disabled = False  # some slot had dirty logging turned off
         self.candidate = None
         self.monitors = (monitors_cls or Monitors)(self)
         self.services = Services(self)
@@ -305,6 +306,8 @@ class Platform:
             if isinstance(result, TlbEntry):
                 return self._perform(vcpu, ipa, result, kind, value)
             self.counters[f"faults: {result.kind.value}"] += 1
+            if self.logging_disabled:
+                self.counters["faults after dirty-log disable"] += 1
             if attempt:
                 self.counters["refaults"] += 1
             exit_ = self.call("handle_guest_abort", vcpu, result, vcpu=vcpu, returns=Exit)
@@ -455,6 +458,8 @@ class Platform:
                                       for g in self.dirty.get(old.id, ())}
         if new is None or not new.is_logging:
             self.dirty.pop((old or new).id, None)
+        if old is not None and old.is_logging and (new is None or not new.is_logging):
+            self.logging_disabled = True
         self.call("commit_memory_region", old, new, change)
         self.monitors.after_memslot(old, new, change)
 

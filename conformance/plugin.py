@@ -36,6 +36,26 @@ How the conformance machines are collected (the one mechanism):
 
 The selection is handed to :mod:`conformance.suite` through
 :func:`selected_candidates`.
+
+Failures:
+
+* Every failing test that wrote conformance failure files (the machine writes
+  ``stage2-failures/<candidate>.json`` and ``.md`` on every failing program)
+  gets a report section ``stage2-conformance report`` — the plain-text report
+  of the shrunk failure, shown under the traceback beside Hypothesis's printed
+  steps — and the two paths as ``user_properties`` (``stage2_report``,
+  ``stage2_replay``). Both travel with the test report, so under xdist, where
+  the worker writes the files, the controller's terminal summary still lists
+  them in a ``stage2-conformance failure files`` section.
+
+Shared example database:
+
+* ``--shared-db redis://HOST:PORT`` loads a variant of the active profile
+  (``<profile>-shared-db``) whose database is the local directory database
+  multiplexed with Hypothesis's Redis database
+  (:func:`conformance.profiles.with_shared_db`), in every xdist worker. A
+  derandomized profile (``ci``) excludes a database, so the variant is
+  non-derandomized; the report header says so.
 """
 
 from __future__ import annotations
@@ -68,6 +88,12 @@ def pytest_addoption(parser: pytest.Parser) -> None:
         default=None,
         help="run only the conformance machines of this registered candidate "
              "(repeatable; see `stage2-conformance list`)")
+    group.addoption(
+        "--shared-db", dest="stage2_shared_db", metavar="redis://HOST:PORT", default=None,
+        help="share Hypothesis's example database through Redis, multiplexed with the "
+             "local directory database, so that a failure found on any machine is "
+             "replayed first on all (needs the redis package; a derandomized profile "
+             "such as ci runs non-derandomized with it)")
 
 
 def _runs_the_suite(config: pytest.Config) -> bool:
@@ -123,18 +149,107 @@ def pytest_pycollect_makemodule(module_path: Path, parent: pytest.Collector):
 
 
 def pytest_unconfigure(config: pytest.Config) -> None:
-    global _selected
+    global _selected, _shared_note
     _selected = None
+    _shared_note = None
+
+
+# ------------------------------------------------------- shared database
+_shared_note: str | None = None
+
+
+def pytest_sessionstart(session: pytest.Session) -> None:
+    """``--shared-db``: load ``<current profile>-shared-db`` (runs after every
+    plugin's ``pytest_configure``, so after ``--hypothesis-profile``)."""
+    global _shared_note
+    url = session.config.getoption("stage2_shared_db", None)
+    if not url:
+        return
+    from hypothesis import settings
+
+    current = settings.get_current_profile_name()
+    try:
+        shared, note = profiles.with_shared_db(settings.get_profile(current), url)
+    except profiles.SharedDatabaseError as exc:
+        raise pytest.UsageError(str(exc)) from None
+    name = current if current.endswith("-shared-db") else f"{current}-shared-db"
+    settings.register_profile(name, shared)
+    settings.load_profile(name)
+    _shared_note = (f"stage2-conformance: --shared-db {url}: hypothesis profile {name!r} "
+                    "(local directory database + Redis)" + (f"; {note}" if note else ""))
+
+
+# ------------------------------------------------------------ failure files
+_MARK = pytest.StashKey[int]()
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_protocol(item: pytest.Item, nextitem):
+    from conformance import replay
+
+    item.stash[_MARK] = replay.current_seq()
+    yield
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call):
+    outcome = yield
+    rep = outcome.get_result()
+    if not rep.failed or _MARK not in item.stash:
+        return
+    from conformance import replay, report
+
+    files = replay.written_since(item.stash[_MARK])
+    if not files:
+        return
+    item.stash[_MARK] = replay.current_seq()  # each file once per test
+    for json_path, md_path in files:
+        rep.user_properties.append(("stage2_report", md_path))
+        rep.user_properties.append(("stage2_replay", json_path))
+        found = replay.last_report(json_path)
+        if found is not None:
+            rep.sections.append(("stage2-conformance report", report.text(found)))
+
+
+def failure_files(reports) -> list[tuple[str, str, str]]:
+    """``(nodeid, report path, replay path)`` from test reports'
+    ``user_properties`` (lists after an xdist round trip)."""
+    out = []
+    for rep in reports:
+        props = [tuple(p) for p in getattr(rep, "user_properties", ()) or ()]
+        md = [v for k, v in props if k == "stage2_report"]
+        js = [v for k, v in props if k == "stage2_replay"]
+        out += [(rep.nodeid, m, j) for m, j in zip(md, js)]
+    return out
+
+
+def pytest_terminal_summary(terminalreporter, exitstatus, config) -> None:
+    from conformance import replay
+
+    reports = list(terminalreporter.stats.get("failed", ())) + \
+        list(terminalreporter.stats.get("error", ()))
+    rows = failure_files(reports)
+    if not rows:
+        return
+    tr = terminalreporter
+    tr.section("stage2-conformance failure files", sep="=", bold=True)
+    for nodeid, md, js in rows:
+        tr.write_line(nodeid)
+        tr.write_line(f"  report: {replay._display(Path(md))}")
+        tr.write_line(f"  replay: stage2-conformance replay {replay._display(Path(js))}")
 
 
 def pytest_report_header(config: pytest.Config) -> list[str]:
     if not _runs_the_suite(config):
-        return []
+        return [_shared_note] if _shared_note else []
     from hypothesis import settings
 
     from conformance import suite
 
     names = ", ".join(suite.SELECTED) or "(none)"
     how = "--candidate" if _selected is not None else "bundled correct candidates"
-    return [f"stage2-conformance: candidates under test ({how}): {names}; "
-            f"hypothesis profile {settings.get_current_profile_name()!r}"]
+    lines = [f"stage2-conformance: candidates under test ({how}): {names}; "
+             f"hypothesis profile {settings.get_current_profile_name()!r}"]
+    if _shared_note:
+        lines.append(_shared_note)
+    return lines

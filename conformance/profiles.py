@@ -1,4 +1,4 @@
-"""Hypothesis settings profiles (DESIGN §8).
+"""Hypothesis settings profiles and the shared example database (DESIGN §8).
 
 ``dev``       default for people: random, the local example database, shrinking
               and no ``explain`` phase (it re-runs every step for coverage and
@@ -9,7 +9,19 @@
 ``thorough``  1,000 programs of up to 60 steps: the pre-posting run.
 
 Every profile sets ``deadline=None`` (a deadline would apply to a whole
-program) and suppresses only ``too_slow``.
+program) and suppresses only ``too_slow`` and ``data_too_large``.
+
+**Sharing failures between machines.** :func:`shared_database` combines the
+local directory database with Hypothesis's Redis database
+(``MultiplexedDatabase(DirectoryBasedExampleDatabase(local),
+RedisExampleDatabase(redis))``): every failure any machine finds is saved in
+both, and every run replays what either holds first. :func:`with_shared_db`
+applies it to a profile; since ``derandomize=True`` and a database exclude
+each other, a derandomized profile (``ci``) is run *non-derandomized* with the
+shared database, and the returned note says so. Hypothesis's database keys are
+digests of the machine class, and its format changes between versions, so the
+machines sharing a Redis database should pin the same suite and Hypothesis
+versions.
 """
 
 from __future__ import annotations
@@ -28,10 +40,78 @@ PROFILES = {
     "thorough": settings(max_examples=1000, **{**COMMON, "stateful_step_count": 60}),
 }
 
+#: Key prefix of the suite's entries in a shared Redis database.
+REDIS_KEY_PREFIX = b"stage2-conformance:"
+
 
 def register() -> None:
     for name, profile in PROFILES.items():
         settings.register_profile(name, profile)
+
+
+class SharedDatabaseError(Exception):
+    """``--shared-db`` cannot be used (bad URL, no ``redis`` package, Redis not
+    reachable); the message is one line."""
+
+
+def local_database(path=None):
+    """The normal local directory database (``.hypothesis/examples`` unless
+    ``path``, or ``$HYPOTHESIS_STORAGE_DIRECTORY``, says otherwise)."""
+    from hypothesis.database import DirectoryBasedExampleDatabase
+
+    if path is None:
+        from hypothesis.configuration import storage_directory
+
+        where = storage_directory("examples", intent_to_write=False)
+        path = getattr(where, "path", where)
+    return DirectoryBasedExampleDatabase(str(path))
+
+
+def redis_database(url: str, *, check: bool = True):
+    """Hypothesis's ``RedisExampleDatabase`` on ``url``
+    (``redis://HOST:PORT[/DB]``); with ``check`` it pings the server first so a
+    wrong address is a clear error rather than a failure in the middle of a
+    run."""
+    if not url.startswith(("redis://", "rediss://", "unix://")):
+        raise SharedDatabaseError(
+            f"--shared-db {url!r}: expected a Redis URL such as redis://HOST:6379")
+    try:
+        import redis
+        from hypothesis.extra.redis import RedisExampleDatabase
+    except ImportError as exc:
+        raise SharedDatabaseError(
+            f"--shared-db needs the 'redis' package ({exc}); install it with "
+            "pip install redis, or pip install -e \".[test]\"") from None
+    client = redis.Redis.from_url(url, socket_connect_timeout=5)
+    if check:
+        try:
+            client.ping()
+        except Exception as exc:  # noqa: BLE001 — any connection problem
+            raise SharedDatabaseError(
+                f"--shared-db: cannot reach Redis at {url}: "
+                f"{' '.join(str(exc).split())}") from None
+    return RedisExampleDatabase(client, key_prefix=REDIS_KEY_PREFIX)
+
+
+def shared_database(url: str, local_path=None, *, check: bool = True):
+    """The local directory database and the Redis database at ``url``, as one
+    ``MultiplexedDatabase``: saves go to both, fetches read both."""
+    from hypothesis.database import MultiplexedDatabase
+
+    return MultiplexedDatabase(local_database(local_path), redis_database(url, check=check))
+
+
+def with_shared_db(base: settings, url: str, local_path=None) -> tuple[settings, str | None]:
+    """``base`` with the shared database at ``url``; non-derandomized if
+    ``base`` was derandomized (they exclude each other), in which case the
+    returned note says so (else the note is ``None``)."""
+    db = shared_database(url, local_path)
+    note = None
+    if base.derandomize:
+        note = ("--shared-db: the profile is derandomized, which excludes an example "
+                "database; running it non-derandomized (random programs) with the "
+                "shared database")
+    return settings(base, database=db, derandomize=False), note
 
 
 register()

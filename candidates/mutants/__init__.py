@@ -1,11 +1,19 @@
-"""Known-bug mutants of the reference candidate.
+"""Known-bug mutants: the corpus every change to the suite must keep catching.
 
 Each mutant is a small subclass that reintroduces one real bug (reference §8)
 or breaks one invariant (reference §9). Metadata on the class says what it is
-and which property family must catch it; ``tests/test_mutants.py`` checks that
-the suite does, with a short counterexample.
+(``bug``) and which property families must catch it (``expected_property``);
+``tests/test_mutants.py`` checks that the suite does, with a short
+counterexample.
+
+* :mod:`candidates.mutants.reference_mutants` — mutants of ``reference``;
+* :mod:`candidates.mutants.classic_mutants` — mutants of ``kvm-classic``.
 """
 
-from candidates.mutants.reference_mutants import MUTANTS
+from candidates.mutants.classic_mutants import MUTANTS as CLASSIC_MUTANTS
+from candidates.mutants.reference_mutants import MUTANTS as REFERENCE_MUTANTS
 
-__all__ = ["MUTANTS"]
+MUTANTS = {**REFERENCE_MUTANTS, **CLASSIC_MUTANTS}
+assert len(MUTANTS) == len(REFERENCE_MUTANTS) + len(CLASSIC_MUTANTS), "duplicate mutant name"
+
+__all__ = ["MUTANTS", "CLASSIC_MUTANTS", "REFERENCE_MUTANTS"]

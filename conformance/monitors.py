@@ -244,9 +244,13 @@ class Monitors:
                                  f"hva {rng.start:#x}-{rng.end:#x}) returned")
 
     def after_invalidate_end(self, rng: NotifierRange) -> None:
+        # Existing leaves are re-checked for fidelity only: the dirty-mark
+        # obligation belongs to the call that made a leaf writable.
+        pending = set(self.pending_dirty)
         for slot, lo, hi in self._ipa_ranges(rng.start, rng.end):
             for step, leaf in self.p.leaves(lo, hi):
                 self._check_fidelity(step.ipa, leaf, fresh=False)
+        self.pending_dirty = pending
 
     def before_aging(self, rng: NotifierRange):
         return [(step.ipa, leaf) for slot, lo, hi in self._ipa_ranges(rng.start, rng.end)

@@ -33,11 +33,16 @@ COMMON = dict(deadline=None, phases=PHASES, stateful_step_count=40,
               report_multiple_bugs=False,
               suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 
+# Built on Hypothesis's "default" profile, not on whatever profile is loaded at
+# import time: under CI Hypothesis has already loaded its own derandomized,
+# database-less "ci" profile, and ``settings(...)`` would inherit from it.
+_BASE = settings.get_profile("default")
+
 PROFILES = {
-    "dev": settings(max_examples=60, **COMMON),
-    "ci": settings(max_examples=60, derandomize=True, database=None, print_blob=True,
+    "dev": settings(_BASE, max_examples=60, **COMMON),
+    "ci": settings(_BASE, max_examples=60, derandomize=True, database=None, print_blob=True,
                    **COMMON),
-    "thorough": settings(max_examples=1000, **{**COMMON, "stateful_step_count": 60}),
+    "thorough": settings(_BASE, max_examples=1000, **{**COMMON, "stateful_step_count": 60}),
 }
 
 #: Key prefix of the suite's entries in a shared Redis database.

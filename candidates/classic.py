@@ -62,6 +62,7 @@ class ClassicCandidate(KvmBase):
     def __init__(self, services, config):
         super().__init__(services, config)
         self.pgt: Stage2PgTable | None = Stage2PgTable(services)
+        self.eager_split = type(self).eager_split or config.eager_split
         self.tvm: dict[int, bool] = {}  # our record of HCR_EL2.TVM per vCPU
 
     # ================================================ vCPUs and caches (§6)

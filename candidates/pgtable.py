@@ -39,6 +39,7 @@ EINVAL = -22
 ERANGE = -34
 
 LAST_LEVEL = 3
+_GRANULE = tuple(granule(level) for level in range(4))
 
 
 class Ctx:
@@ -142,10 +143,11 @@ class Stage2PgTable:
         if reload:  # descend into what the callback just installed
             ctx.old = svc.read_pte(ptep)
             table = d.is_table(ctx.old, level)
-        if not _continue(data.flags, ret):
+        if ret and not _continue(data.flags, ret):
             return ret
         if not table:
-            data.addr = (data.addr & ~(granule(level) - 1)) + granule(level)
+            size = _GRANULE[level]
+            data.addr = (data.addr & ~(size - 1)) + size
             return 0
         ret = self._walk_table(data, d.pte_pa(ctx.old), level + 1)
         if not _continue(data.flags, ret):

@@ -23,6 +23,10 @@ They run on platform events, independently of the oracle, and raise a
 ``host-page-refs``            a GUP reference not released (N6)
 ``aging``                     wrong young answer, or aging changed more than
                               AF (N4)
+``cache-maintenance``         without FWB: TVM not armed at vCPU reset, or a
+                              trapped MMU/cache toggle or the first set/way op
+                              that returns before all S2-mapped RAM was
+                              cleaned+invalidated to PoC (C4)
 ``locking``                   mmu_lock misuse (GUP under the lock, unbalanced)
 ``forward-progress``          a guest access livelocks (G5; raised by the
                               platform)
@@ -299,6 +303,43 @@ class Monitors:
                     self.fail("dirty-logging", f"after {why}, vCPU{vcpu}'s TLB still holds "
                               f"writable {e.describe()} (missing TLB flush)")
 
+    # ------------------------------------------------ cache maintenance (C4)
+    def after_vcpu_init(self, vcpu: int) -> None:
+        """TVM is armed at every vCPU reset without FWB (reference §6.3, §9.6 C4)."""
+        if not self.p.config.fwb and not self.p.tvm[vcpu]:
+            self.fail("cache-maintenance",
+                      f"vCPU{vcpu} was reset without HCR_EL2.TVM armed (no FWB): the "
+                      "guest's SCTLR_EL1 write turning its MMU and caches on will not "
+                      "trap, so nothing cleans+invalidates guest RAM at that point "
+                      "(reference §6.3, §9.6 C4)")
+
+    def mapped_cacheable(self) -> frozenset[tuple[int, int, int]]:
+        """``(ipa, pa, size)`` of every cacheable leaf in the stage-2 tree."""
+        if self.p.config.fwb:
+            return frozenset()
+        return frozenset(
+            (step.ipa, leaf.oa, leaf.size)
+            for step, leaf in self.p.leaves(0, self.p.geometry.ipa_limit)
+            if d.memtype_of(leaf.memattr, False) is d.MemType.NORMAL)
+
+    def check_full_flush(self, before, why: str) -> None:
+        """``stage2_flush_vm`` (reference §6.3-§6.5 G-C3, §9.6 C4): every
+        cacheable leaf mapped before or after the call was cleaned+invalidated
+        to PoC during it. Unmapping instead of cleaning is allowed, since the
+        unmap must clean after its TLBI anyway (C3)."""
+        if self.p.config.fwb:
+            return
+        cleaned = _merged(self.p.cleaned)
+        for ipa, pa, size in sorted(before | self.mapped_cacheable()):
+            missing = _first_gap(cleaned, pa, pa + size)
+            if missing is not None:
+                self.fail("cache-maintenance",
+                          f"{why}, but the candidate returned without cleaning+"
+                          f"invalidating PA {missing:#x} (mapped at IPA "
+                          f"{ipa + missing - pa:#x}) to PoC: lines the caches hold "
+                          "for guest RAM survive the change of cacheability "
+                          "(stage2_flush_vm; reference §6.3, §6.5 G-C3, §9.6 C4)")
+
     def after_destroy(self) -> None:
         p = self.p
         p.grace_period()
@@ -311,3 +352,27 @@ class Monitors:
         refs = sum(p.host.gup_refs.values())
         if refs:
             self.fail("host-page-refs", f"{refs} GUP reference(s) outstanding after destroy()")
+
+
+def _merged(ranges):
+    """Sorted, merged ``[start, end)`` intervals."""
+    out: list[list[int]] = []
+    for start, end in sorted(ranges):
+        if out and start <= out[-1][1]:
+            out[-1][1] = max(out[-1][1], end)
+        else:
+            out.append([start, end])
+    return out
+
+
+def _first_gap(merged, start: int, end: int) -> int | None:
+    """The first address of ``[start, end)`` no interval covers, else ``None``."""
+    for lo, hi in merged:
+        if hi <= start:
+            continue
+        if lo > start:
+            return start
+        start = hi
+        if start >= end:
+            return None
+    return start if start < end else None

@@ -27,7 +27,7 @@ from model import cache
 from model import descriptors as d
 from model.geometry import Geometry, granule
 from model.host import PAGE, THP_SIZE, HostMm, HostPage, page_down, thp_down
-from model.memory import PageUse, PhysicalMemory
+from model.memory import TABLE_USES, PageUse, PhysicalMemory
 from model.oracle import Outcome as Access
 from model.tlb import Tlb, TlbEntry, WalkEntry
 from model.walker import Translation, WalkFault, iter_leaves, iter_subtree, walk_from
@@ -57,6 +57,7 @@ class Platform:
         self.tlbs = [Tlb() for _ in range(config.nr_vcpus)]
         self.sctlr = [0] * config.nr_vcpus
         self.tvm = [False] * config.nr_vcpus
+        self.cleaned: list[tuple[int, int]] = []  # DC CIVAC ranges of the current call
         self.memslots: dict[int, Memslot] = {}
         self.dirty: dict[int, set[int]] = {}
         self.pgd_pfn: int | None = None
@@ -105,6 +106,7 @@ class Platform:
         outer_vcpu, self.current_vcpu = self.current_vcpu, vcpu
         if self.depth == 0:
             self.service_calls = 0
+            self.cleaned = []
         self.depth += 1
         try:
             result = self._guarded(fn, method, args)
@@ -181,8 +183,8 @@ class Platform:
 
     # ----------------------------------------------------------- table memory
     def table(self, pfn: int, who: str) -> list[int]:
-        use = self.mem.page_use(pfn)
-        if use in (PageUse.TABLE, PageUse.PGD, PageUse.UNLINKED):
+        use = self.mem.use.get(pfn)
+        if use in TABLE_USES:  # every PTE access comes here: keep it short
             return self.mem.tables[pfn]
         if use is PageUse.FREED:
             self.fail("table-lifecycle", f"{who} used table page PA {pfn << 12:#x} "
@@ -330,6 +332,11 @@ class Platform:
         cacheable = self.guest_cacheable(vcpu) and d.memtype_of(
             entry.memattr, self.config.fwb) is d.MemType.NORMAL
         if kind == "write":
+            if not cacheable:
+                # Adversarial: the cacheable alias has just pulled the old value
+                # in, so the non-cacheable store leaves a stale clean line
+                # behind (reference §6.1 hazard b).
+                line = cache.speculative_fill(line)
             line = cache.cacheable_write(line, value) if cacheable else cache.nc_write(line, value)
             self.mem.set_line(pfn, line)
             return Access(value=value)
@@ -342,14 +349,33 @@ class Platform:
         self.mem.set_line(pfn, line)
         return Access(value=got)
 
+    def vcpu_init(self, vcpu: int) -> None:
+        self.call("vcpu_init", vcpu, vcpu=vcpu)
+        self.monitors.after_vcpu_init(vcpu)
+
     def guest_write_sctlr(self, vcpu: int, new: int) -> None:
         old = self.sctlr[vcpu]
         self.sctlr[vcpu] = new
-        if self.tvm[vcpu]:
-            self.call("handle_sysreg_write", vcpu, SysReg.SCTLR_EL1, old, new, vcpu=vcpu)
+        if not self.tvm[vcpu]:
+            return
+        bits = SCTLR_M | SCTLR_C
+        toggled = (old & bits == bits) != (new & bits == bits)
+        before = self.monitors.mapped_cacheable()
+        self.call("handle_sysreg_write", vcpu, SysReg.SCTLR_EL1, old, new, vcpu=vcpu)
+        if toggled:
+            state = "on" if new & bits == bits else "off"
+            self.monitors.check_full_flush(
+                before, f"vCPU{vcpu} turned its MMU/caches {state} (trapped SCTLR_EL1 "
+                f"write {old:#x} -> {new:#x})")
 
     def guest_set_way(self, vcpu: int) -> None:
+        first = not self.tvm[vcpu]
+        before = self.monitors.mapped_cacheable()
         self.call("handle_set_way", vcpu, vcpu=vcpu)
+        if first:
+            self.monitors.check_full_flush(
+                before, f"vCPU{vcpu} issued its first set/way operation (DC CISW, "
+                "trapped with TVM clear)")
 
     # -------------------------------------------------------------- host ops
     def host_touch(self, hva: int, write: bool) -> int | None:

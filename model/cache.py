@@ -35,8 +35,13 @@ class LineState:
     iline: int | None = None
 
 
-FRESH_ZEROED = LineState(mem=GARBAGE, dline=0, dirty=True)
-"""A page the host just allocated and cleared with cacheable stores (DC ZVA)."""
+FRESH_ZEROED = LineState(mem=GARBAGE, dline=0, dirty=True, iline=GARBAGE)
+"""A page the host just allocated and cleared with cacheable stores (DC ZVA).
+
+Its I-cache line still holds the page's previous life (code the host ran from
+it, or a speculative fetch): nothing invalidates the I-cache on allocation, so
+the adversarial choice is a stale line until someone issues IC IVAU/IALLU
+(reference §6.2, §9.6 C2)."""
 
 
 def cacheable_read(s: LineState) -> tuple[int, LineState]:

@@ -30,6 +30,10 @@ class PageUse(enum.Enum):
     FREED = "freed"
 
 
+#: Uses whose page holds descriptors.
+TABLE_USES = frozenset({PageUse.TABLE, PageUse.PGD, PageUse.UNLINKED})
+
+
 class MemoryError_(Exception):
     """Misuse of a physical page (double free, use after free, wrong type)."""
 
@@ -67,7 +71,7 @@ class PhysicalMemory:
         return self.use.get(pfn)
 
     def is_table(self, pfn: int) -> bool:
-        return self.use.get(pfn) in (PageUse.TABLE, PageUse.PGD, PageUse.UNLINKED)
+        return self.use.get(pfn) in TABLE_USES
 
     def free(self, pfn: int) -> None:
         if self.use.get(pfn) in (None, PageUse.FREED):

@@ -26,7 +26,12 @@ R4 Maintenance promises [§6.5 G-C1..G-C4]. KVM cleans+invalidates a page to
    flushes all mapped guest RAM when a vCPU toggles SCTLR_EL1.{M,C} while TVM
    is armed (armed at vCPU init, cleared once caches are on [§6.3]) and on the
    first set/way op while TVM is clear (which re-arms it [§6.4]); it
-   invalidates the I-cache before a page becomes executable [G-C2]. A page is
+   invalidates the I-cache before a page becomes executable [G-C2]. The
+   toggle and set/way flush (G-C3) covers only pages *certainly mapped*: the
+   guest accessed the page and has not since accessed another page of its
+   2 MiB window, because a fault there may replace a block by a table, and
+   KVM's map path drops the rest of the block without any CMO [§2.5, §6.2]
+   (:class:`conformance.monitors.Monitors` checks C4 on the tree). A page is
    *exposed* from the first guest access to any gfn in its 2 MiB window of the
    memslot (the largest block a correct candidate could have mapped) until an
    invalidation covers it; the oracle applies G-C1 and G-C2 when exposure
@@ -80,6 +85,7 @@ class Oracle:
     tvm_armed: list[bool] = attrs.Factory(list)
     exposed: set[int] = attrs.Factory(set)
     written: dict[int, set[int]] = attrs.Factory(dict)
+    mapped: set[int] = attrs.Factory(set)  # gfns certainly mapped (G-C3)
 
     def __attrs_post_init__(self):
         n = self.config.nr_vcpus
@@ -90,7 +96,7 @@ class Oracle:
         return Oracle(self.config, dict(self.memslots), list(self.vmas), dict(self.pages),
                       set(self.ksm), list(self.sctlr), list(self.tvm_armed),
                       set(self.exposed),
-                      {k: set(v) for k, v in self.written.items()})
+                      {k: set(v) for k, v in self.written.items()}, set(self.mapped))
 
     # ------------------------------------------------------------ helpers
     def _closed(self, states) -> frozenset[LineState]:
@@ -98,7 +104,7 @@ class Oracle:
 
     def _map(self, hva: int, fn) -> None:
         if hva in self.pages:
-            self.pages[hva] = self._closed(fn(s) for s in self.pages[hva])
+            self.pages[hva] = _mapped(fn, self.pages[hva], self.config.idc, self.config.dic)
 
     def slot_for_gfn(self, gfn: int) -> Memslot | None:
         for slot in self.memslots.values():
@@ -178,16 +184,17 @@ class Oracle:
 
     def _unexpose(self, slot: Memslot, gfns) -> None:
         for g in gfns:
+            self.mapped.discard(g)
             if g in self.exposed:
                 self.exposed.discard(g)
                 self._map(slot.gfn_to_hva(g), cache.clean_inval)  # G-C4
 
-    def _flush_exposed(self) -> None:
-        """``stage2_flush_vm``: clean+invalidate all mapped guest RAM."""
-        for slot in self.memslots.values():
-            for g in range(slot.base_gfn, slot.end_gfn):
-                if g in self.exposed:
-                    self._map(slot.gfn_to_hva(g), cache.clean_inval)
+    def _flush_mapped(self) -> None:
+        """``stage2_flush_vm``: clean+invalidate all mapped guest RAM (G-C3)."""
+        for g in sorted(self.mapped):
+            slot = self.slot_for_gfn(g)
+            if slot is not None:
+                self._map(slot.gfn_to_hva(g), cache.clean_inval)
 
     # --------------------------------------------------------- guest ops
     def guest_access(self, vcpu: int, gfn: int, kind: str, value: int | None,
@@ -225,6 +232,8 @@ class Oracle:
             self._break_cow(hva)
         self._page(hva)
         self._expose(slot, gfn)
+        self.mapped.difference_update(self._window(slot, gfn))
+        self.mapped.add(gfn)
         cacheable = self.guest_cacheable(vcpu)
         if kind == "write":
             self._write(hva, value, cacheable)
@@ -242,7 +251,7 @@ class Oracle:
         if self.config.fwb or not self.tvm_armed[vcpu]:
             return
         if was_on != now_on:
-            self._flush_exposed()  # kvm_toggle_cache [§6.3]
+            self._flush_mapped()  # kvm_toggle_cache [§6.3]
         if now_on:
             self.tvm_armed[vcpu] = False
 
@@ -250,7 +259,7 @@ class Oracle:
         if self.config.fwb:
             return  # ignored with FWB [§6.4]
         if not self.tvm_armed[vcpu]:
-            self._flush_exposed()
+            self._flush_mapped()
             self.tvm_armed[vcpu] = True
 
     # ----------------------------------------------------------- host ops
@@ -338,6 +347,14 @@ class Oracle:
 def _maintain(s: LineState) -> LineState:
     """What KVM does before a page becomes guest-accessible (G-C1, G-C2)."""
     return cache.iinval(cache.clean_inval(s))
+
+
+@functools.lru_cache(maxsize=8192)
+def _mapped(fn, states: frozenset, idc: bool, dic: bool) -> frozenset[LineState]:
+    """``fn`` applied to every state, closed again. Most pages share a few state
+    sets (a 2 MiB window exposed at once is 512 fresh pages), so this is
+    memoised, like :func:`_closure`."""
+    return _closure(frozenset(fn(s) for s in states), idc, dic)
 
 
 @functools.lru_cache(maxsize=4096)

@@ -22,6 +22,8 @@ import attrs
 
 from model.geometry import granule
 
+_GRANULE = tuple(granule(level) if level else 1 << 39 for level in range(4))
+
 
 @attrs.frozen
 class TlbEntry:
@@ -37,13 +39,13 @@ class TlbEntry:
 
     @property
     def size(self) -> int:
-        return granule(self.level)
+        return _GRANULE[self.level]
 
     def covers(self, ipa: int) -> bool:
-        return self.ipa <= ipa < self.ipa + self.size
+        return self.ipa <= ipa < self.ipa + _GRANULE[self.level]
 
     def overlaps(self, start: int, end: int) -> bool:
-        return self.ipa < end and start < self.ipa + self.size
+        return self.ipa < end and start < self.ipa + _GRANULE[self.level]
 
     def translate(self, ipa: int) -> int:
         return self.oa + (ipa - self.ipa)
@@ -64,10 +66,10 @@ class WalkEntry:
     table_pfn: int
 
     def covers(self, ipa: int) -> bool:
-        return self.ipa <= ipa < self.ipa + granule(self.level)
+        return self.ipa <= ipa < self.ipa + _GRANULE[self.level]
 
     def overlaps(self, start: int, end: int) -> bool:
-        return self.ipa < end and start < self.ipa + granule(self.level)
+        return self.ipa < end and start < self.ipa + _GRANULE[self.level]
 
 
 @attrs.define
@@ -86,7 +88,20 @@ class Tlb:
         return hits
 
     def overlapping(self, start: int, end: int) -> list[TlbEntry]:
-        return [e for e in self.leaves.values() if e.overlaps(start, end)]
+        """Leaf entries overlapping ``[start, end)``, by level then IPA. Looked
+        up by key (a split publishes 512 pages into TLBs of 512 entries each);
+        scanned instead when the range holds more slots than the TLB entries."""
+        slots = [(level, start & ~(_GRANULE[level] - 1)) for level in (1, 2, 3)]
+        if sum(-(-(end - base) // _GRANULE[lv]) for lv, base in slots) > len(self.leaves):
+            return sorted((e for e in self.leaves.values() if e.overlaps(start, end)),
+                          key=lambda e: (e.level, e.ipa))
+        out = []
+        for level, base in slots:
+            for ipa in range(base, end, _GRANULE[level]):
+                entry = self.leaves.get((level, ipa))
+                if entry is not None:
+                    out.append(entry)
+        return out
 
     def deepest_walk(self, ipa: int) -> WalkEntry | None:
         for level in (2, 1, 0):
@@ -104,9 +119,11 @@ class Tlb:
 
     def invalidate_ipa(self, ipa: int, level: int | None) -> int:
         """``TLBI IPAS2E1`` (+``VMALLE1``). Returns how many entries went."""
-        doomed = [k for k, e in self.leaves.items()
-                  if e.covers(ipa) and (level is None or e.level == level)]
-        walks = [k for k, e in self.walks.items() if e.covers(ipa)]
+        leaves = self.leaves
+        doomed = [k for k in ((lv, ipa & ~(_GRANULE[lv] - 1)) for lv in (1, 2, 3))
+                  if k in leaves and (level is None or k[0] == level)]
+        walks = [k for k in ((lv, ipa & ~(_GRANULE[lv] - 1)) for lv in (0, 1, 2))
+                 if k in self.walks]
         for k in doomed:
             del self.leaves[k]
         for k in walks:

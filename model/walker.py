@@ -99,10 +99,9 @@ def _iter_table(read_table, table_pfn, level, base, start, end):
     first = max(0, (start - base) // size)
     last = min(511, (end - 1 - base) // size)
     entries = read_table(table_pfn)
-    for idx in range(first, last + 1):
+    # Most entries are invalid: find the valid ones in one pass (hot path).
+    for idx in [i for i in range(first, last + 1) if entries[i] & d.PTE_VALID]:
         pte = entries[idx]
-        if not d.is_valid(pte):
-            continue
         ipa = base + idx * size
         yield WalkStep(level, table_pfn, idx, ipa, pte)
         if d.is_table(pte, level):

@@ -49,6 +49,7 @@ def configs(caps: Capabilities = Capabilities()) -> st.SearchStrategy[VmConfig]:
         dic=st.booleans() if caps.dic else st.just(False),
         idc=st.booleans(),
         nr_vcpus=st.integers(1, max(1, min(4, caps.max_vcpus))),
+        eager_split=st.booleans(),
     ).map(_architectural)
 
 
@@ -64,9 +65,10 @@ def layouts(draw) -> Layout:
     modulo 2 MiB or off by a page; optional slot 1: a small (maybe read-only)
     slot elsewhere in the IPA space, backed by a separate VMA."""
     npages = draw(st.sampled_from([1024, 512, 640]))
-    # Blocks need THP backing and gfn/hva congruence: make that the common case.
-    misaligned = draw(st.sampled_from([False, False, True]))
-    thp = draw(st.sampled_from([True, True, False]))
+    # Blocks need THP backing and gfn/hva congruence: make that the common case
+    # (3 in 5), so that splits and collapses happen in many programs.
+    misaligned, thp = draw(st.sampled_from(
+        [(False, True), (False, True), (True, True), (False, False), (False, True)]))
     hva0 = 0x4000_0000 + (PAGE if misaligned else 0)
     vma0 = Vma(0x4000_0000, 0x4000_0000 + (npages << 12) + MIB2, thp)
     # Starting with dirty logging on puts 4K pages in a THP window at once, so
@@ -88,7 +90,8 @@ def interesting_gfns(layout: Layout) -> list[int]:
     for s in layout.memslots:
         first_block = -(-s.base_gfn // 512) * 512
         cands = [s.base_gfn, s.base_gfn + 1, first_block + 511, first_block + 512,
-                 s.end_gfn - 1, first_block + 5, s.base_gfn + s.npages // 2]
+                 s.end_gfn - 1, first_block + 5, s.base_gfn + s.npages // 2,
+                 first_block + 256]
         out.extend(g for g in cands if s.contains_gfn(g))
     out.append(layout.memslots[0].end_gfn + 0x100)  # no memslot
     return list(dict.fromkeys(out))

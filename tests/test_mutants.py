@@ -35,7 +35,7 @@ FAMILIES = {
     "break-before-make", "tlb-conflict", "stale-translation", "memslot-fidelity",
     "dirty-logging", "table-lifecycle", "refcount", "host-page-refs", "aging",
     "locking", "forward-progress", "guest-observation", "host-observation",
-    "dirty-log-harvest",
+    "dirty-log-harvest", "cache-maintenance",
 }
 
 
@@ -113,37 +113,6 @@ SCRIPTS = {
     # window is inside the slot, only congruence (§3.3 a) forbids a block.
     "mutant-thp-no-congruence-check": (_config(), _layout(misaligned=True), [
         ("guest_read", dict(vcpu=0, where=2)),
-    ]),
-    # v1 maps the page (caches off); the VMM writes it (dirty line); v0 turns
-    # its caches on: stage2_flush_vm must clean the line, so v1's
-    # non-cacheable read sees the VMM's value.
-    "mutant-toggle-no-flush-on-enable": (_config(), _layout(), [
-        ("guest_read", dict(vcpu=1, where=0)),
-        ("vmm", dict(op="write", where=0)),
-        ("guest_cache_control", dict(vcpu=0, op="sctlr", mmu=True, caches=True)),
-        ("guest_read", dict(vcpu=1, where=0)),
-    ]),
-    "mutant-no-tvm-at-vcpu-init": (_config(), _layout(), [
-        ("guest_read", dict(vcpu=1, where=0)),
-        ("vmm", dict(op="write", where=0)),
-        ("guest_cache_control", dict(vcpu=0, op="sctlr", mmu=True, caches=True)),
-        ("guest_read", dict(vcpu=1, where=0)),
-    ]),
-    # v0 turns caches on (flush, TVM cleared), writes cacheably (dirty line),
-    # issues a set/way op (must flush); v1, caches still off, reads PoC.
-    "mutant-set-way-ignored": (_config(), _layout(), [
-        ("guest_cache_control", dict(vcpu=0, op="sctlr", mmu=True, caches=True)),
-        ("guest_write", dict(vcpu=0, where=0)),
-        ("guest_cache_control", dict(vcpu=0, op="set_way", mmu=False, caches=False)),
-        ("guest_read", dict(vcpu=1, where=0)),
-    ]),
-    # the VMM loads the page; the I-cache speculatively fills it from PoC
-    # (stale: the data is still in the D-cache); the first fetch maps it
-    # executable, which must invalidate the I-cache (no DIC, no IDC).
-    "mutant-exec-no-icache-inval": (_config(), _layout(), [
-        ("vmm", dict(op="write", where=0)),
-        ("hardware", dict(op="ifill", vcpu=0, where=0)),
-        ("guest_fetch", dict(vcpu=0, where=0)),
     ]),
 }
 

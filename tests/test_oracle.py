@@ -369,6 +369,28 @@ def test_set_way_flush_cleans_stale_line():
     assert read(o, GFN) == {5}
 
 
+def test_toggle_flush_skips_pages_a_later_fault_in_the_window_may_have_dropped():
+    # The guest writes GFN+1 with caches off (PoC 5; a stale clean line of 0
+    # may remain), then faults on GFN in the same 2 MiB window: KVM may replace
+    # a block by a table there and drop GFN+1 without any CMO (§2.5, §6.2),
+    # so the caches-on flush need not reach it. The VMM may read the stale 0.
+    o = oracle()
+    write(o, GFN + 1, 5)
+    observe_read(o, GFN, 0)
+    caches_on(o)
+    assert o.vmm_read(hva(GFN + 1)) == {0, 5}
+    assert read(o, GFN) == {0}  # GFN is certainly mapped: flushed
+
+
+def test_toggle_flush_covers_the_page_last_accessed_in_each_window():
+    o = oracle()
+    write(o, GFN + 1, 5)  # NC write; stale clean line of 0 possible
+    write(o, GFN + 512, 7)  # the other window: GFN + 1 stays certainly mapped
+    caches_on(o)
+    assert o.vmm_read(hva(GFN + 1)) == {5}
+    assert o.vmm_read(hva(GFN + 512)) == {7}
+
+
 def test_mprotect_rw_invalidates_nothing():
     # R6: permission upgrades are invisible
     o = oracle()

@@ -454,7 +454,7 @@ class ToggleNoFlushOnEnable(_ClassicMutant):
 
     bug = "no stage2_flush_vm when the guest turns its MMU/caches on"
     reference = "§6.3, §6.5 G-C3, §9.6 C4, §8 bug 19"
-    expected_property = ("guest-observation",)
+    expected_property = ("cache-maintenance", "guest-observation")
 
     def handle_sysreg_write(self, vcpu, reg, old, new):
         if new & CACHES_ON == CACHES_ON and old & CACHES_ON != CACHES_ON:
@@ -472,7 +472,7 @@ class NoTvmAtVcpuInit(_ClassicMutant):
 
     bug = "TVM not armed at vCPU init (no flush when the guest enables its caches)"
     reference = "§6.3, §9.6 C4, §8 bug 19 (2019, 2024)"
-    expected_property = ("guest-observation",)
+    expected_property = ("cache-maintenance", "guest-observation")
 
     def vcpu_init(self, vcpu):
         self.tvm[vcpu] = False
@@ -486,7 +486,7 @@ class SetWayIgnoredWithoutFwb(_ClassicMutant):
 
     bug = "set/way ops ignored without FWB (no flush, TVM not re-armed)"
     reference = "§6.4, §6.5 G-C3, §9.6 C4"
-    expected_property = ("guest-observation",)
+    expected_property = ("cache-maintenance", "guest-observation")
 
     def handle_set_way(self, vcpu):
         pass
@@ -589,6 +589,10 @@ MUTANTS = {
     # cache maintenance
     "mutant-map-no-dcache-clean": MapWithoutDcacheClean,
     "mutant-block-cleans-one-page": BlockCleansOnePage,
+    "mutant-toggle-no-flush-on-enable": ToggleNoFlushOnEnable,
+    "mutant-no-tvm-at-vcpu-init": NoTvmAtVcpuInit,
+    "mutant-set-way-ignored": SetWayIgnoredWithoutFwb,
+    "mutant-exec-no-icache-inval": ExecWithoutIcacheInval,
     # table lifecycle and break-before-make
     "mutant-collapse-leaks-subtree": CollapseLeaksSubtree,
     "mutant-collapse-single-ipa-tlbi": CollapseSingleIpaTlbi,
@@ -608,19 +612,8 @@ MUTANTS = {
 #:   plain, one-vCPU form in the corpus;
 #: * thp-no-congruence-check needs the one layout in 27 that is misaligned,
 #:   THP-backed and 4 MiB long, plus a fault in its second 2 MiB window;
-#:   ``mutant-thp-adjust-unchecked`` (no check at all) is in the corpus;
-#: * the cache-maintenance ones need a line that is stale *at the promise
-#:   point* (a VMM write to an already-mapped page, a clean line under a
-#:   non-cacheable write, a speculative I-fill before the first fetch), then
-#:   the promise (SCTLR_EL1 write with both M and C, set/way op, first fetch),
-#:   then an observer that bypasses the line: 3-5 coordinated steps. No monitor
-#:   checks §9.6 C1-C4 directly, so only the oracle can see them; random seeds
-#:   need >1500 programs in 2 of 3 runs for each.
+#:   ``mutant-thp-adjust-unchecked`` (no check at all) is in the corpus.
 OUT_OF_BUDGET = {
     "mutant-relax-tlbi-only-if-changed": RelaxTlbiOnlyIfChanged,
     "mutant-thp-no-congruence-check": ThpWithoutCongruenceCheck,
-    "mutant-toggle-no-flush-on-enable": ToggleNoFlushOnEnable,
-    "mutant-no-tvm-at-vcpu-init": NoTvmAtVcpuInit,
-    "mutant-set-way-ignored": SetWayIgnoredWithoutFwb,
-    "mutant-exec-no-icache-inval": ExecWithoutIcacheInval,
 }

@@ -33,8 +33,11 @@ VCPU = st.integers(0, 3)
 #: Index into the sorted memslot ids, three times in four the first (slot 0).
 SLOT0_MOSTLY = st.sampled_from((0, 0, 1, 0))
 #: Memslot changes. A deleted slot makes the rest of a program MMIO exits, so
-#: ``recreate`` comes twice as often (a no-op when no slot is deleted).
-MEMSLOT_OPS = st.sampled_from(("move", "recreate", "delete", "recreate"))
+#: ``recreate`` comes twice as often (a no-op when no slot is deleted); dirty
+#: logging flips are here too (as well as in their own rule), because swarm
+#: testing switches whole rules off and the flips drive split and collapse.
+MEMSLOT_OPS = st.sampled_from(("toggle logging", "move", "recreate", "delete",
+                               "recreate"))
 #: What the guest does to its caches: SCTLR_EL1 writes (``caches on`` is M and
 #: C, ``caches off`` neither; whole on/off transitions are what guests do and
 #: what KVM's TVM/toggle logic is about, so they come twice as often as M or C
@@ -74,7 +77,7 @@ def checked(fn):
             result = fn(self, **kwargs)
             if self.platform is not None and self.platform.events:
                 for label in sorted(self.platform.events):
-                    event(label)
+                    self._event(label)
                 self.platform.events.clear()
             return result
         except ConformanceFailure as exc:
@@ -98,6 +101,9 @@ class Stage2Machine(RuleBasedStateMachine):
     last_failure = None
     #: Cost counters summed over every passing program of this machine class.
     totals: collections.Counter = collections.Counter()
+    #: For each ``event()`` label, how many passing programs produced it at
+    #: least once (what ``--hypothesis-show-statistics`` shows as percentages).
+    event_programs: collections.Counter = collections.Counter()
 
     def __init__(self):
         super().__init__()
@@ -110,6 +116,7 @@ class Stage2Machine(RuleBasedStateMachine):
         self.next_value = 0
         self.origin: dict[int, str] = {GARBAGE: "never-written memory (garbage)",
                                        0: "zero (a fresh page)"}
+        self.events: set[str] = set()
         self.holes: list[tuple[int, int]] = []
         #: (step, where, allowed, observed) per guest access and VMM read, for
         #: the report's expected-vs-observed column (see record_observation).
@@ -136,10 +143,19 @@ class Stage2Machine(RuleBasedStateMachine):
         for slot in layout.memslots:
             p.set_memslot(None, slot, MemslotChange.CREATE)
             self.oracle.set_memslot(None, slot)
+        slot0, vma0 = layout.memslots[0], layout.vmas[0]
+        congruent = (slot0.userspace_addr - (slot0.base_gfn << 12)) % THP_SIZE == 0
+        self._event("layout: slot 0 " + ("THP-backed" if vma0.thp else "not THP-backed")
+                    + (", gfn/hva congruent" if congruent else ", gfn/hva misaligned"))
 
     @property
     def live(self) -> bool:
         return self.platform is not None and not self.platform.released
+
+    def _event(self, label: str) -> None:
+        """A Hypothesis ``event()`` (statistics), also counted per program."""
+        self.events.add(label)
+        event(label)
 
     def _vcpu(self, vcpu: int) -> int:
         return vcpu % self.platform.config.nr_vcpus
@@ -184,7 +200,7 @@ class Stage2Machine(RuleBasedStateMachine):
         got = self.platform.guest_access(vcpu, gfn << 12, kind, value)
         allowed = self.oracle.guest_access(vcpu, gfn, kind, value, observed=got)
         self.record_observation((vcpu, kind, gfn << 12), allowed, got)
-        event(f"guest {kind}: {got.exit.value if got.exit else 'value'}")
+        self._event(f"guest {kind}: {got.exit.value if got.exit else 'value'}")
         if got not in allowed:
             mode = "caches on" if self.oracle.guest_cacheable(vcpu) else "MMU/caches off"
             want = " or ".join(sorted(self._explain(o) for o in allowed))
@@ -257,13 +273,11 @@ class Stage2Machine(RuleBasedStateMachine):
                 f"({self.origin.get(got, '?')}); a correct implementation gives {want}")
 
     @precondition(lambda self: self.live)
-    @rule(op=st.sampled_from(HOST_OPS + AGING), where=INDEX, huge=st.booleans())
+    @rule(op=st.sampled_from(HOST_OPS), where=INDEX, huge=st.booleans())
     @checked
     def host_mm(self, op, where, huge):
         """A host mm operation on the page (or 2 MiB window) at ``where``;
         ``ksm_merge`` merges it with the next interesting page."""
-        if op in AGING:
-            return self._aging(op, where, huge)
         if op == "mmap_again":
             return self._mmap_again(where)
         if op == "ksm_merge":
@@ -291,9 +305,12 @@ class Stage2Machine(RuleBasedStateMachine):
         self.oracle.host_op(op, start, end)
         if op == "munmap":
             self.holes.append((start, end))
-        event(f"host: {op}")
+        self._event(f"host: {op}")
 
-    def _aging(self, op, where, huge):
+    @precondition(lambda self: self.live)
+    @rule(op=st.sampled_from(AGING), where=INDEX, huge=st.booleans())
+    @checked
+    def host_aging(self, op, where, huge):
         """The MMU notifier aging calls (clear_flush_young, clear_young,
         test_young) on the page or its 2 MiB window."""
         hva = self._hva(where)
@@ -318,7 +335,7 @@ class Stage2Machine(RuleBasedStateMachine):
             return
         self.platform.host_op("ksm_merge", b, b + PAGE, other=a)
         self.oracle.host_op("ksm_merge", b, b + PAGE, other=a)
-        event("host: ksm_merge")
+        self._event("host: ksm_merge")
 
     # ------------------------------------------------------------ memslots
     def _slot(self, which: int) -> Memslot:
@@ -348,9 +365,12 @@ class Stage2Machine(RuleBasedStateMachine):
     @rule(op=MEMSLOT_OPS, which=INDEX)
     @checked
     def memslot(self, op, which):
-        """KVM_SET_USER_MEMORY_REGION: delete, re-create or move a memslot."""
+        """KVM_SET_USER_MEMORY_REGION: flip dirty logging, delete, re-create or
+        move a memslot."""
         if op == "recreate":
             return self._memslot_recreate(which)
+        if op == "toggle logging":
+            op = "toggle_logging"
         if self.slots:
             getattr(self, f"_memslot_{op}")(which)
 
@@ -359,7 +379,7 @@ class Stage2Machine(RuleBasedStateMachine):
         new = Memslot(old.id, old.base_gfn, old.npages, old.userspace_addr,
                       old.readonly, not old.log_dirty_pages)
         self._change(old, new, MemslotChange.FLAGS_ONLY)
-        event(f"dirty logging {'on' if new.log_dirty_pages else 'off'}")
+        self._event(f"dirty logging {'on' if new.log_dirty_pages else 'off'}")
 
     @precondition(lambda self: self.live)
     @rule(which=INDEX)
@@ -373,7 +393,7 @@ class Stage2Machine(RuleBasedStateMachine):
         got = self.platform.get_dirty_log(slot)
         missing, extra = self.oracle.harvest(slot, got)
         if extra:
-            event("dirty log: over-reported")
+            self._event("dirty log: over-reported")
         if missing:
             gfns = ", ".join(f"{g:#x}" for g in sorted(missing)[:4])
             raise PropertyViolation(
@@ -439,6 +459,7 @@ class Stage2Machine(RuleBasedStateMachine):
         totals.update(self.platform.counters)
         totals["examples"] += 1
         totals["steps"] += self.steps
+        type(self).event_programs.update(self.events)
 
 
 def machine_for(name: str, candidate_cls: type,
@@ -457,7 +478,8 @@ def machine_for(name: str, candidate_cls: type,
     return type(safe, (Stage2Machine,),
                 {"candidate_cls": candidate_cls, "candidate_name": name, "boot": boot,
                  "__module__": __name__,
-                 "totals": collections.Counter()})
+                 "totals": collections.Counter(),
+                 "event_programs": collections.Counter()})
 
 
 def _slot_relative(memslots, gfn: int) -> tuple[int | None, int]:

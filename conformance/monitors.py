@@ -26,7 +26,7 @@ They run on platform events, independently of the oracle, and raise a
 ``cache-maintenance``         without FWB: TVM not armed at vCPU reset, or a
                               trapped MMU/cache toggle or the first set/way op
                               that returns before all S2-mapped RAM was
-                              cleaned+invalidated to PoC (C4)
+                              cleaned+invalidated to PoC (§6.3, §6.4, C4)
 ``locking``                   mmu_lock misuse (GUP under the lock, unbalanced)
 ``forward-progress``          a guest access livelocks (G5; raised by the
                               platform)

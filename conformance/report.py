@@ -136,10 +136,11 @@ def state_at_failure(machine, message: str, step_no: int | None, calls: list) ->
         if not ipas:
             tree.append("(the failing step names no IPA; see all leaves below)")
         return {"ipas": [f"{i:#x}" for i in ipas], "tree": tree,
-                "tlbs": tlb_lines(platform, ipas), "leaves": leaf_lines(platform)}
+                "tlbs": tlb_lines(platform, ipas), "leaves": leaf_lines(platform),
+                "caches": cache_lines(platform, ipas, getattr(machine, "origin", {}))}
     except Exception as exc:  # noqa: BLE001 — a report must never crash a run
         return {"ipas": [], "tree": [f"(could not describe the tables: {exc!r})"],
-                "tlbs": [], "leaves": []}
+                "tlbs": [], "leaves": [], "caches": []}
 
 
 def _memtype(memattr: int) -> str:
@@ -222,6 +223,62 @@ def tlb_lines(platform, ipas: Iterable[int]) -> list[str]:
     return out
 
 
+def cache_lines(platform, ipas: Iterable[int], origin: dict | None = None) -> list[str]:
+    """The data and instruction cache state of every physical page behind
+    ``ipas``: the page the stage-2 tables map and the host page behind the
+    gfn's hva, when they differ both (reference §6.1)."""
+    origin = origin or {}
+
+    def value(v) -> str:
+        return f"{v} ({origin[v]})" if v in origin else str(v)
+
+    out = []
+    seen: set[int] = set()
+    for ipa in ipas:
+        pages = []
+        s2 = _s2_pa(platform, ipa)
+        if s2 is not None:
+            pages.append((s2 >> 12, f"stage 2 maps IPA {ipa:#x} here"))
+        slot = platform.slot_for_gfn(ipa >> 12)
+        if slot is not None:
+            hva = slot.gfn_to_hva(ipa >> 12)
+            pte = platform.host.pte(hva)
+            if pte is not None:
+                pages.append((pte.pfn, f"the host page of hva {hva:#x}"))
+        if not pages:
+            out.append(f"IPA {ipa:#x}: no page behind it (not mapped, no host page)")
+        for pfn, why in pages:
+            if pfn in seen:
+                continue
+            seen.add(pfn)
+            why = " and ".join(w for p, w in pages if p == pfn)
+            line = platform.mem.line(pfn)
+            use = platform.mem.page_use(pfn)
+            dline = "none" if line.dline is None else \
+                f"{value(line.dline)} {'dirty' if line.dirty else 'clean'}"
+            if line.dline is not None and not line.dirty and line.dline != line.mem:
+                dline += " (stale: differs from PoC)"
+            iline = "none" if line.iline is None else value(line.iline)
+            out.append(f"PA {pfn << 12:#x} ({why}{'' if use is None else ', ' + use.value}):")
+            out.append(f"  PoC {value(line.mem)}; D-line {dline}; I-line {iline}")
+    return out
+
+
+def _s2_pa(platform, ipa: int) -> int | None:
+    from model.walker import walk
+    from model.walker import WalkFault
+
+    if platform.pgd_pfn is None or ipa >= platform.geometry.ipa_limit:
+        return None
+    try:
+        result = walk(platform.mem.tables.get, platform.geometry, platform.pgd_pfn, ipa)
+    except Exception:  # noqa: BLE001 — a freed or missing table page
+        return None
+    if isinstance(result, WalkFault):
+        return None
+    return result.leaf.oa + (ipa & (result.leaf.size - 1))
+
+
 def _tlb_entry(e) -> str:
     return f"{e.describe()} {_memtype(e.memattr)}"
 
@@ -281,6 +338,7 @@ class Report:
     settings: dict | None
     replay_path: str | None = None
     report_path: str | None = None
+    caches: list[str] = attrs.Factory(list)
 
     @property
     def headline(self) -> str:
@@ -341,7 +399,8 @@ def from_doc(doc: dict, *, replay_path: str | None = None,
         config=config, layout=layout, rows=rows, ipas=list(state.get("ipas", ())),
         tree=list(state.get("tree", ())), tlbs=list(state.get("tlbs", ())),
         leaves=list(state.get("leaves", ())), counters=dict(doc.get("counters") or {}),
-        settings=doc.get("settings"), replay_path=replay_path, report_path=report_path)
+        settings=doc.get("settings"), replay_path=replay_path, report_path=report_path,
+        caches=list(state.get("caches", ())))
 
 
 def describe_layout(layout) -> str:
@@ -405,6 +464,8 @@ def markdown(report: Report) -> str:
         lines += [f"## Stage-2 tables at the failing step (IPAs: {ipas})", "",
                   "```", *report.tree, "```", "", "## TLBs at the failing step", "",
                   "```", *report.tlbs, "```", ""]
+    if report.caches:
+        lines += ["## Caches at the failing step", "", "```", *report.caches, "```", ""]
     if report.leaves:
         lines += ["## All stage-2 leaves", "", "```", *report.leaves, "```", ""]
     if report.counters:
@@ -445,6 +506,9 @@ def text(report: Report) -> str:
     if report.tlbs:
         out.append("TLBs at the failing step:")
         out.extend(f"  {line}" for line in report.tlbs)
+    if report.caches:
+        out.append("caches at the failing step:")
+        out.extend(f"  {line}" for line in report.caches)
     if report.leaves:
         out.append("all stage-2 leaves: " + report.leaves[0])
         out.extend(f"  {line}" for line in report.leaves[1:])
@@ -510,6 +574,9 @@ def renderable(report: Report):
     if report.tlbs:
         parts.append(Panel(Text("\n".join(report.tlbs)), box=box.SQUARE, expand=False,
                            title="TLBs at the failing step", title_align="left"))
+    if report.caches:
+        parts.append(Panel(Text("\n".join(report.caches)), box=box.SQUARE, expand=False,
+                           title="caches at the failing step", title_align="left"))
     if report.leaves:
         parts.append(Panel(Text("\n".join(report.leaves)), box=box.SQUARE, expand=False,
                            title="all stage-2 leaves", title_align="left"))
@@ -549,4 +616,4 @@ def show(report: Report, file=None) -> None:
 
 __all__ = ["Report", "StepRow", "from_doc", "markdown", "text", "show", "renderable",
            "observations", "state_at_failure", "involved_ipas", "walk_lines",
-           "tlb_lines", "leaf_lines"]
+           "tlb_lines", "leaf_lines", "cache_lines"]

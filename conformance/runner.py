@@ -27,6 +27,12 @@ class RunResult:
     counters: dict = attrs.Factory(dict)
     examples: int = 0  # passing programs run (for a failure: until the first)
     total_steps: int = 0
+    #: event label -> passing programs that produced it (``Stage2Machine.event_programs``)
+    events: dict = attrs.Factory(dict)
+
+    def event_fraction(self, label: str) -> float:
+        """The share of passing programs that produced event ``label``."""
+        return self.events.get(label, 0) / self.examples if self.examples else 0.0
 
     @property
     def failed_property(self) -> str | None:
@@ -57,6 +63,7 @@ def run(name: str, candidate_cls: type, settings: Settings | None = None,
                           class_name="Stage2Machine_compare" if same_programs else None)
     machine.last_failure = None
     machine.totals.clear()
+    machine.event_programs.clear()
     # hypothesis.seed() on the machine class is what @seed does for stateful tests
     machine._hypothesis_internal_use_seed = seed
     start = time.perf_counter()
@@ -72,4 +79,5 @@ def run(name: str, candidate_cls: type, settings: Settings | None = None,
     totals = dict(machine.totals)
     return RunResult(name, "pass", time.perf_counter() - start,
                      counters={k: v for k, v in totals.items() if k not in ("examples", "steps")},
-                     examples=totals.get("examples", 0), total_steps=totals.get("steps", 0))
+                     examples=totals.get("examples", 0), total_steps=totals.get("steps", 0),
+                     events=dict(machine.event_programs))

@@ -66,14 +66,14 @@ def layouts(draw) -> Layout:
     slot elsewhere in the IPA space, backed by a separate VMA."""
     npages = draw(st.sampled_from([1024, 512, 640]))
     # Blocks need THP backing and gfn/hva congruence: make that the common case
-    # (3 in 5), so that splits and collapses happen in many programs.
+    # (6 in 8), so that splits and collapses happen in many programs.
     misaligned, thp = draw(st.sampled_from(
-        [(False, True), (False, True), (True, True), (False, False), (False, True)]))
+        [(False, True), (False, True), (True, True), (False, False)] + [(False, True)] * 4))
     hva0 = 0x4000_0000 + (PAGE if misaligned else 0)
     vma0 = Vma(0x4000_0000, 0x4000_0000 + (npages << 12) + MIB2, thp)
     # Starting with dirty logging on puts 4K pages in a THP window at once, so
     # disabling it and faulting again collapses them (reference §4.6).
-    logging = draw(st.booleans())
+    logging = draw(st.sampled_from([True, False, True]))
     slots = [Memslot(0, 0x40000, npages, hva0, log_dirty_pages=logging)]
     vmas = [vma0]
     if draw(st.sampled_from([False, False, True])):

@@ -239,6 +239,9 @@ def cache_lines(platform, ipas: Iterable[int], origin: dict | None = None) -> li
         s2 = _s2_pa(platform, ipa)
         if s2 is not None:
             pages.append((s2 >> 12, f"stage 2 maps IPA {ipa:#x} here"))
+        for vcpu, tlb in enumerate(platform.tlbs):
+            for e in tlb.lookup(ipa):
+                pages.append((e.translate(ipa) >> 12, f"vCPU{vcpu}'s TLB maps IPA {ipa:#x} here"))
         slot = platform.slot_for_gfn(ipa >> 12)
         if slot is not None:
             hva = slot.gfn_to_hva(ipa >> 12)
@@ -251,7 +254,7 @@ def cache_lines(platform, ipas: Iterable[int], origin: dict | None = None) -> li
             if pfn in seen:
                 continue
             seen.add(pfn)
-            why = " and ".join(w for p, w in pages if p == pfn)
+            why = " and ".join(dict.fromkeys(w for p, w in pages if p == pfn))
             line = platform.mem.line(pfn)
             use = platform.mem.page_use(pfn)
             dline = "none" if line.dline is None else \

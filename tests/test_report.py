@@ -141,3 +141,18 @@ def test_format_1_documents_still_give_a_report():
     rep = report.from_doc(doc)
     assert [r.failed for r in rep.rows] == [False, True]
     assert "**[tlb-conflict]** m" in report.markdown(rep)
+
+
+def test_report_shows_the_cache_lines_behind_the_failing_address(found):
+    """A map without clean+invalidate: the page behind the IPA still has the
+    host's zeroes in a dirty D-line over never-written memory at PoC, which is
+    what the guest (caches off) read."""
+    _result, _path, doc = found
+    caches = doc["state"]["caches"]
+    assert any("stage 2 maps IPA" in line for line in caches), caches
+    assert any("PoC -1 (never-written memory (garbage))" in line
+               and "D-line 0 (zero (a fresh page)) dirty" in line for line in caches), caches
+    rep = report.from_doc(doc)
+    assert rep.caches == caches
+    assert "## Caches at the failing step" in report.markdown(rep)
+    assert "caches at the failing step:" in report.text(rep)

@@ -93,7 +93,15 @@ class Stage2PgTable:
         # KVM skips the map-time clean with FWB because "FWB implies IDC"
         # (kvm_mmu.h, __clean_dcache_guest_page); generated configs agree.
         self.clean_on_map = not self.fwb
+        # stage2_unmap_defer_tlb_flush (v6.6, §2.5): with FEAT_TLBIRANGE and
+        # FWB, unmap clears every leaf and issues one range TLBI at the end
+        # (no CMO has to wait for a per-leaf TLBI). FEAT_S2FWB and
+        # FEAT_TLBIRANGE both come with Armv8.4, so FWB hardware has both.
+        self.defer_unmap_tlbi = self.tlbi_range and self.fwb
         self.pgd = svc.alloc_pgd()
+
+    #: ``system_supports_tlb_range()``
+    tlbi_range = True
 
     # ================================================================ walking
     def walk(self, addr: int, size: int, cb, flags: int) -> int:
@@ -308,8 +316,11 @@ class Stage2PgTable:
     # ============================================================== unmap
     def unmap(self, addr: int, size: int) -> int:
         """``kvm_pgtable_stage2_unmap`` (§2.5): whole leaves, TLBI each (with
-        its level), clean+invalidate after the TLBI, prune empty tables."""
+        its level) or one range TLBI after the walk when deferred,
+        clean+invalidate after the TLBI, prune empty tables (a cleared table
+        entry is flushed at once, TTL unknown)."""
         svc = self.svc
+        defer = self.defer_unmap_tlbi
 
         def cb(ctx: Ctx, visit: int) -> int:
             old = ctx.old
@@ -329,7 +340,7 @@ class Stage2PgTable:
             svc.write_pte(ctx.ptep, 0)
             if child is not None:
                 svc.tlb_flush_vmid_ipa(ctx.addr, None)  # TTL unknown: walk caches
-            else:
+            elif not defer:
                 svc.tlb_flush_vmid_ipa(ctx.addr, ctx.level)
             svc.put_page(ctx.ptep)
             if need_flush:
@@ -338,7 +349,10 @@ class Stage2PgTable:
                 svc.put_page(child)
             return 0
 
-        return self.walk(addr, size, cb, LEAF | TABLE_POST)
+        ret = self.walk(addr, size, cb, LEAF | TABLE_POST)
+        if defer:
+            svc.tlb_flush_vmid_range(addr, size)
+        return ret
 
     # ===================================================== attribute walks
     def update_leaf_attrs(self, addr: int, size: int, set_: int, clr: int,

@@ -334,7 +334,9 @@ MACHINES = ("sequential",)
 #: column each (added per table).
 COUNTER_COLUMNS = [
     ("faults", "faults:"),
+    ("faults after log off", "faults after dirty-log disable"),
     ("refaults", "refaults"),
+    ("notifier-unmapped pages", "pages unmapped by notifiers"),
     ("CMO bytes", "bytes cleaned+invalidated"),
     ("I-cache inv", "icache invalidations"),
     ("table pages", "table pages allocated"),

@@ -13,12 +13,15 @@ from __future__ import annotations
 import collections
 import functools
 
+import attrs
+
 from hypothesis import event as _event
 from hypothesis import note as _note
 from hypothesis.control import currently_in_test_context
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, precondition, rule
 
+from conformance import profiles  # noqa: F401 - pins generation constants (seed = programs)
 from conformance.errors import CandidateError, ConformanceFailure, PropertyViolation
 from conformance.platform import Platform
 from conformance.replay import write_failure
@@ -36,12 +39,15 @@ SLOT0_MOSTLY = st.sampled_from((0, 0, 1, 0))
 #: ``recreate`` comes twice as often (a no-op when no slot is deleted); dirty
 #: logging flips are here too (as well as in their own rule), because swarm
 #: testing switches whole rules off and the flips drive split and collapse.
-MEMSLOT_OPS = st.sampled_from(("toggle logging", "move", "recreate", "delete",
-                               "recreate"))
+MEMSLOT_OPS = st.sampled_from(("logging off", "move", "recreate", "delete",
+                               "recreate", "logging on"))
 #: What the guest does to its caches: SCTLR_EL1 writes (``caches on`` is M and
 #: C, ``caches off`` neither; whole on/off transitions are what guests do and
 #: what KVM's TVM/toggle logic is about, so they come twice as often as M or C
 #: alone) and set/way maintenance.
+PTRS_PER_TABLE = 512  # 4 KiB pages in a 2 MiB block
+#: Pages a guest read or write touches (shrinks to 1).
+PAGES = st.sampled_from((1, 8, 64))
 CACHE_CONTROL = st.sampled_from(("caches on", "caches off", "set/way", "caches on",
                                  "caches off", "set/way", "MMU only", "D-cache only"))
 SCTLR_FOR = {"caches on": SCTLR_M | SCTLR_C, "caches off": 0, "MMU only": SCTLR_M,
@@ -141,12 +147,42 @@ class Stage2Machine(RuleBasedStateMachine):
         for vcpu in range(config.nr_vcpus):
             p.vcpu_init(vcpu)
         for slot in layout.memslots:
-            p.set_memslot(None, slot, MemslotChange.CREATE)
-            self.oracle.set_memslot(None, slot)
+            first = slot if layout.start == "cold" else attrs.evolve(slot, log_dirty_pages=False)
+            p.set_memslot(None, first, MemslotChange.CREATE)
+            self.oracle.set_memslot(None, first)
+            self.slots[slot.id] = first
+        if layout.start != "cold":
+            self._warm_up(layout)
         slot0, vma0 = layout.memslots[0], layout.vmas[0]
         congruent = (slot0.userspace_addr - (slot0.base_gfn << 12)) % THP_SIZE == 0
         self._event("layout: slot 0 " + ("THP-backed" if vma0.thp else "not THP-backed")
                     + (", gfn/hva congruent" if congruent else ", gfn/hva misaligned"))
+
+    def _warm_up(self, layout):
+        """Bring the VM to ``layout.start`` (see :class:`strategies.layouts.Layout`)."""
+        sid = layout.memslots[0].id
+
+        def set_logging(on):
+            cur = self.slots[sid]
+            self._change(cur, attrs.evolve(cur, log_dirty_pages=on), MemslotChange.FLAGS_ONLY)
+
+        self._touch_windows(self.slots[sid], "read")
+        if layout.start in ("migrating", "migrated"):
+            set_logging(True)
+            self._touch_windows(self.slots[sid], "write")
+            if layout.start == "migrated":
+                set_logging(False)
+        for slot in layout.memslots:
+            if self.slots[slot.id] != slot:
+                self._change(self.slots[slot.id], slot, MemslotChange.FLAGS_ONLY)
+
+    def _touch_windows(self, slot, kind):
+        """vCPU0 accesses 8 pages spread over every 2 MiB window of ``slot``."""
+        window = slot.base_gfn & ~(PTRS_PER_TABLE - 1)
+        for base in range(window, slot.end_gfn, PTRS_PER_TABLE):
+            for gfn in range(base, base + PTRS_PER_TABLE, PTRS_PER_TABLE // 8):
+                if slot.contains_gfn(gfn):
+                    self._guest_access_gfn(0, gfn, kind)
 
     @property
     def live(self) -> bool:
@@ -193,7 +229,9 @@ class Stage2Machine(RuleBasedStateMachine):
 
     # --------------------------------------------------------------- guest
     def _guest_access(self, vcpu, where, kind):
-        vcpu, gfn = self._vcpu(vcpu), self._gfn(where)
+        self._guest_access_gfn(self._vcpu(vcpu), self._gfn(where), kind)
+
+    def _guest_access_gfn(self, vcpu, gfn, kind):
         if kind == "exec" and self.oracle.slot_for_gfn(gfn) is None:
             kind = "read"  # instruction fetches from MMIO inject aborts; not modelled
         value = self._value(f"guest write by vCPU{vcpu}") if kind == "write" else None
@@ -209,22 +247,36 @@ class Stage2Machine(RuleBasedStateMachine):
                 f"vCPU{vcpu} ({mode}) {kind} of IPA {gfn << 12:#x} (gfn {gfn:#x}) gave "
                 f"{self._explain(got)}; a correct implementation gives {want}")
 
+    def _guest_run(self, vcpu, where, kind, pages):
+        """``pages`` pages spread evenly over the 2 MiB window holding the page
+        at ``where``, that page included (1: just that page)."""
+        vcpu, gfn = self._vcpu(vcpu), self._gfn(where)
+        stride = PTRS_PER_TABLE // pages
+        first = (gfn & ~(PTRS_PER_TABLE - 1)) + gfn % stride if pages > 1 else gfn
+        for i in range(pages):
+            self._guest_access_gfn(vcpu, first + i * stride, kind)
+
     # Three rules rather than one with a ``kind``: Hypothesis picks rules
     # uniformly, and guest accesses should be a good share of every program.
+    # ``pages`` > 1 is a guest memset or page-cache fill: guests touch memory
+    # in runs, which is what makes a block mapping pay off and a later unmap,
+    # split or collapse cover many pages.
     @precondition(lambda self: self.live)
-    @rule(vcpu=VCPU, where=INDEX)
+    @rule(vcpu=VCPU, where=INDEX, pages=PAGES)
     @checked
-    def guest_read(self, vcpu, where):
-        """vCPU ``vcpu`` loads from the page at ``where`` (retried after every
-        RESUME, as the vCPU run loop does)."""
-        self._guest_access(vcpu, where, "read")
+    def guest_read(self, vcpu, where, pages):
+        """vCPU ``vcpu`` loads from the page at ``where`` (and from ``pages`` - 1
+        more in its 2 MiB window), retried after every RESUME as the vCPU run
+        loop does."""
+        self._guest_run(vcpu, where, "read", pages)
 
     @precondition(lambda self: self.live)
-    @rule(vcpu=VCPU, where=INDEX)
+    @rule(vcpu=VCPU, where=INDEX, pages=PAGES)
     @checked
-    def guest_write(self, vcpu, where):
-        """vCPU ``vcpu`` stores a new value to the page at ``where``."""
-        self._guest_access(vcpu, where, "write")
+    def guest_write(self, vcpu, where, pages):
+        """vCPU ``vcpu`` stores a new value to the page at ``where`` (and to
+        ``pages`` - 1 more in its 2 MiB window)."""
+        self._guest_run(vcpu, where, "write", pages)
 
     @precondition(lambda self: self.live)
     @rule(vcpu=VCPU, where=INDEX)
@@ -351,35 +403,38 @@ class Stage2Machine(RuleBasedStateMachine):
         else:
             self.slots[new.id] = new
 
+    # Set, not toggle: a step that sets logging means the same thing whatever
+    # the shrinker deletes before it, so programs shrink further.
     @precondition(lambda self: self.live)
-    @rule(which=SLOT0_MOSTLY)
+    @rule(which=SLOT0_MOSTLY, on=st.booleans())
     @checked
-    def memslot_toggle_logging(self, which):
-        """KVM_SET_USER_MEMORY_REGION flipping KVM_MEM_LOG_DIRTY_PAGES (its own
-        rule: the flips drive split, collapse and write-protection; mostly on
-        slot 0, the one with 2 MiB windows)."""
+    def memslot_logging(self, which, on):
+        """KVM_SET_USER_MEMORY_REGION setting or clearing KVM_MEM_LOG_DIRTY_PAGES
+        (a no-op if already so; its own rule: logging changes drive split,
+        collapse and write-protection; mostly on slot 0, the one with 2 MiB
+        windows)."""
         if self.slots:
-            self._memslot_toggle_logging(which)
+            self._memslot_set_logging(which, on)
 
     @precondition(lambda self: self.live)
     @rule(op=MEMSLOT_OPS, which=INDEX)
     @checked
     def memslot(self, op, which):
-        """KVM_SET_USER_MEMORY_REGION: flip dirty logging, delete, re-create or
-        move a memslot."""
+        """KVM_SET_USER_MEMORY_REGION: set or clear dirty logging, delete,
+        re-create or move a memslot."""
         if op == "recreate":
             return self._memslot_recreate(which)
-        if op == "toggle logging":
-            op = "toggle_logging"
+        if self.slots and op.startswith("logging "):
+            return self._memslot_set_logging(which, op == "logging on")
         if self.slots:
             getattr(self, f"_memslot_{op}")(which)
 
-    def _memslot_toggle_logging(self, which):
+    def _memslot_set_logging(self, which, on):
         old = self._slot(which)
-        new = Memslot(old.id, old.base_gfn, old.npages, old.userspace_addr,
-                      old.readonly, not old.log_dirty_pages)
-        self._change(old, new, MemslotChange.FLAGS_ONLY)
-        self._event(f"dirty logging {'on' if new.log_dirty_pages else 'off'}")
+        if old.log_dirty_pages == on:
+            return
+        self._change(old, attrs.evolve(old, log_dirty_pages=on), MemslotChange.FLAGS_ONLY)
+        self._event(f"dirty logging {'on' if on else 'off'}")
 
     @precondition(lambda self: self.live)
     @rule(which=INDEX)

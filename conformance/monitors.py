@@ -223,13 +223,6 @@ class Monitors:
             self.fail("host-page-refs", f"{method}() returned still holding GUP references "
                       f"on {pas} (reference §3.2 step 20, §9.5 N6)")
 
-    def _ipa_ranges(self, start: int, end: int):
-        """IPA ranges of every memslot part backed by hvas ``[start, end)``."""
-        for slot in self.p.memslots.values():
-            lo, hi = max(start, slot.userspace_addr), min(end, slot.hva_end)
-            if lo < hi:
-                yield slot, slot.hva_to_gfn(lo) << 12, slot.hva_to_gfn(hi - 1) + 1 << 12
-
     def _check_unmapped(self, start: int, end: int, why: str) -> None:
         for step, leaf in self.p.leaves(start, end):
             self.fail("stale-translation", f"{why}, stage 2 still maps "
@@ -243,7 +236,7 @@ class Monitors:
     def after_invalidate_start(self, rng: NotifierRange) -> None:
         if rng.event is NotifierEvent.PROTECTION_UPGRADE:
             return  # no KVM-visible obligation (reference §5.4, §9.5 N5)
-        for slot, lo, hi in self._ipa_ranges(rng.start, rng.end):
+        for slot, lo, hi in self.p.ipa_ranges(rng.start, rng.end):
             self._check_unmapped(lo, hi, f"after invalidate_range_start({rng.event.value}, "
                                  f"hva {rng.start:#x}-{rng.end:#x}) returned")
 
@@ -251,13 +244,13 @@ class Monitors:
         # Existing leaves are re-checked for fidelity only: the dirty-mark
         # obligation belongs to the call that made a leaf writable.
         pending = set(self.pending_dirty)
-        for slot, lo, hi in self._ipa_ranges(rng.start, rng.end):
+        for slot, lo, hi in self.p.ipa_ranges(rng.start, rng.end):
             for step, leaf in self.p.leaves(lo, hi):
                 self._check_fidelity(step.ipa, leaf, fresh=False)
         self.pending_dirty = pending
 
     def before_aging(self, rng: NotifierRange):
-        return [(step.ipa, leaf) for slot, lo, hi in self._ipa_ranges(rng.start, rng.end)
+        return [(step.ipa, leaf) for slot, lo, hi in self.p.ipa_ranges(rng.start, rng.end)
                 for step, leaf in self.p.leaves(lo, hi)]
 
     def after_aging(self, op: str, rng: NotifierRange, before, young: bool) -> None:
@@ -266,7 +259,7 @@ class Monitors:
             self.fail("aging", f"{op}(hva {rng.start:#x}-{rng.end:#x}) returned {young}, "
                       f"but {'some' if expected else 'no'} leaf in range had AF set "
                       "(reference §9.5 N4)")
-        after = {ipa: leaf for slot, lo, hi in self._ipa_ranges(rng.start, rng.end)
+        after = {ipa: leaf for slot, lo, hi in self.p.ipa_ranges(rng.start, rng.end)
                  for step, leaf in ((s, l) for s, l in self.p.leaves(lo, hi))
                  for ipa in (step.ipa,)}
         for ipa, leaf in before:

@@ -76,7 +76,9 @@ class Platform:
         self.swallowed: PropertyViolation | None = None
         self.released = False
         self.vmid_dead = False
-        self.logging_disabled = False  # some slot had dirty logging turned off
+        #: Slots whose dirty logging was turned off (and not on again since):
+        #: faults in them are the cost seed 001 argues about.
+        self.unlogged: set[int] = set()
         self.candidate = None
         self.monitors = (monitors_cls or Monitors)(self)
         self.services = Services(self)
@@ -289,6 +291,20 @@ class Platform:
         return tlb.lookup(ipa)[0]
 
     # ------------------------------------------------------------ guest ops
+    def ipa_ranges(self, start: int, end: int):
+        """``(slot, lo, hi)``: the IPA range of every memslot part backed by
+        hvas ``[start, end)``."""
+        for slot in self.memslots.values():
+            lo, hi = max(start, slot.userspace_addr), min(end, slot.hva_end)
+            if lo < hi:
+                yield slot, slot.hva_to_gfn(lo) << 12, slot.hva_to_gfn(hi - 1) + 1 << 12
+
+    def mapped_pages(self, start: int, end: int) -> int:
+        """4 KiB pages of stage 2 that map hvas ``[start, end)``."""
+        return sum((min(hi, step.ipa + granule(step.level)) - max(lo, step.ipa)) >> 12
+                   for _, lo, hi in self.ipa_ranges(start, end)
+                   for step, _ in self.leaves(lo, hi))
+
     def slot_for_gfn(self, gfn: int) -> Memslot | None:
         for slot in self.memslots.values():
             if slot.contains_gfn(gfn):
@@ -308,7 +324,8 @@ class Platform:
             if isinstance(result, TlbEntry):
                 return self._perform(vcpu, ipa, result, kind, value)
             self.counters[f"faults: {result.kind.value}"] += 1
-            if self.logging_disabled:
+            slot = self.slot_for_gfn(ipa >> 12) if self.unlogged else None
+            if slot is not None and slot.id in self.unlogged:
                 self.counters["faults after dirty-log disable"] += 1
             if attempt:
                 self.counters["refaults"] += 1
@@ -406,7 +423,10 @@ class Platform:
         """``invalidate_range_start`` → host change → ``invalidate_range_end``."""
         self.notifiers_in_progress.append(rng)
         self.counters[f"notifier: {rng.event.value}"] += 1
+        mapped = self.mapped_pages(rng.start, rng.end)
         self.call("invalidate_range_start", rng)
+        self.counters["pages unmapped by notifiers"] += \
+            mapped - self.mapped_pages(rng.start, rng.end)
         self.monitors.after_invalidate_start(rng)
         mutate()
         self.notifiers_in_progress.remove(rng)
@@ -484,8 +504,10 @@ class Platform:
                                       for g in self.dirty.get(old.id, ())}
         if new is None or not new.is_logging:
             self.dirty.pop((old or new).id, None)
-        if old is not None and old.is_logging and (new is None or not new.is_logging):
-            self.logging_disabled = True
+        if old is not None:
+            self.unlogged.discard(old.id)
+        if new is not None and not new.is_logging and old is not None and old.is_logging:
+            self.unlogged.add(new.id)
         self.call("commit_memory_region", old, new, change)
         self.monitors.after_memslot(old, new, change)
 

@@ -33,6 +33,37 @@ COMMON = dict(deadline=None, phases=PHASES, stateful_step_count=40,
               report_multiple_bugs=False,
               suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 
+def pin_generation_constants() -> bool:
+    """Make a seed alone decide the programs.
+
+    Since 6.131 Hypothesis draws, in about 5% of integer draws, a literal
+    collected from every *local* module in ``sys.modules`` (our packages, a
+    user's candidate, the ``__main__`` script; not tests, not site-packages).
+    Which modules are loaded differs between pytest, the command line and a
+    script, and changes when a module is imported mid-run, so the same seed
+    (or the derandomized ``ci`` profile) generated different programs
+    depending on how the suite was started. Our strategies draw small indices
+    and ``sampled_from`` choices, where those literals add nothing; we empty
+    the local pool (Hypothesis's built-in constants stay). Uses a Hypothesis
+    internal: returns False, changing nothing, if it is not there."""
+    try:
+        from hypothesis.internal.conjecture import providers
+        empty = providers.Constants()
+        providers._get_local_constants  # noqa: B018 - present in this version?
+        providers.CONSTANTS_CACHE.cache.clear()
+    except (ImportError, AttributeError):
+        return False
+    global _unpinned
+    _unpinned = providers._get_local_constants
+    providers._get_local_constants = lambda: empty
+    return True
+
+
+_unpinned = None  # Hypothesis's own pool function, for tests
+
+
+PINNED_CONSTANTS = pin_generation_constants()
+
 # Built on Hypothesis's "default" profile, not on whatever profile is loaded at
 # import time: under CI Hypothesis has already loaded its own derandomized,
 # database-less "ci" profile, and ``settings(...)`` would inherit from it.

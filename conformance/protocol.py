@@ -31,10 +31,6 @@ class VmConfig:
     itself instead of raising access-flag faults (§1.5 rule 6). ``dic`` /
     ``idc``: CTR_EL0.DIC / IDC — instruction fetches are coherent with data
     (DIC), or the I-cache fills from the data cache (IDC) (§6.2).
-    ``eager_split``: the VMM enabled ``KVM_CAP_ARM_EAGER_SPLIT_CHUNK_SIZE``, so
-    a candidate may split blocks as soon as dirty logging is enabled instead of
-    on the next write fault (§4.2). It is a hint: no guest- or host-visible
-    result depends on it, and a candidate may ignore it.
     """
 
     ipa_bits: int = 40
@@ -44,7 +40,6 @@ class VmConfig:
     idc: bool = False
     nr_vcpus: int = 2
     vmid: int = 1
-    eager_split: bool = False
 
 
 @attrs.frozen

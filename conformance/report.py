@@ -39,6 +39,8 @@ import attrs
 MAX_IPAS = 4
 #: How many stage-2 leaves the summary lists.
 MAX_LEAVES = 16
+#: A step with more observations (a run of pages, a warm start) shows its last.
+MAX_OBSERVATIONS = 2
 
 
 # ------------------------------------------------------------------ capture
@@ -379,6 +381,11 @@ def from_doc(doc: dict, *, replay_path: str | None = None,
         seen = obs.get(number, [])
         row = StepRow(number if number is not None else len(rows) + 1, call,
                       failed=number is not None and number == failed_no)
+        if len(seen) > MAX_OBSERVATIONS:
+            # A step stops at its first unexpected observation, so all the
+            # earlier ones were as expected: show the last one only.
+            more = f"({len(seen) - 1} earlier accesses as expected) "
+            seen = [{**seen[-1], "observer": more + seen[-1]["observer"]}]
         if seen:
             row.observer = "; ".join(o["observer"] for o in seen)
             row.expected = "; ".join(o["expected"] for o in seen)
@@ -415,7 +422,9 @@ def describe_layout(layout) -> str:
         parts.append(f"slot{s.id} gfn {s.base_gfn:#x}+{s.npages:#x} @hva "
                      f"{s.userspace_addr:#x}" + (f" [{', '.join(flags)}]" if flags else ""))
     vmas = [f"{v.start:#x}-{v.end:#x}{' THP' if v.thp else ''}" for v in layout.vmas]
-    return "; ".join(parts) + "; VMAs " + ", ".join(vmas)
+    start = getattr(layout, "start", "cold")
+    return ("; ".join(parts) + "; VMAs " + ", ".join(vmas)
+            + ("" if start == "cold" else f"; starts {start} (see Layout.start)"))
 
 
 def _settings_line(settings: dict | None) -> str | None:

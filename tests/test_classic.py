@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 
 from candidates.classic import ClassicCandidate
+from candidates.classic import ClassicEagerSplitCandidate as EagerSplitCandidate
 from candidates.eager_unmap import EagerUnmapCandidate
 from conformance.errors import PropertyViolation
 from conformance.platform import Platform
@@ -17,10 +18,6 @@ MIB2 = 2 << 20
 HVA = 0x4000_0000
 BASE_GFN = 0x40000
 IPA = BASE_GFN << 12
-
-
-class EagerSplitCandidate(ClassicCandidate):
-    eager_split = True
 
 
 # ------------------------------------------------------------------ helpers
@@ -68,12 +65,6 @@ def teardown(p):
                                        ("eager-unmap", EagerUnmapCandidate)])
 def test_candidate_passes_ci(name, cls):
     result = run(name, cls, profile="ci", max_examples=200)
-    assert result.status == "pass", f"{result.failure}\n" + "\n".join(result.trace)
-
-
-def test_eager_split_variant_passes_a_short_run():
-    result = run("kvm-classic-eager-split", EagerSplitCandidate, profile="ci",
-                 max_examples=60)
     assert result.status == "pass", f"{result.failure}\n" + "\n".join(result.trace)
 
 

@@ -91,7 +91,7 @@ def test_run_catches_a_known_bug(capsys):
     assert "first failure after" in out
     assert "[guest-observation]" in out
     assert "counterexample" in out
-    assert "   1: boot" in out  # the numbered step trace
+    assert "1: boot" in out  # the numbered step trace (a warm start may fail in boot)
     assert "✗" in out and "expected" in out  # the failing step, expected vs observed
     assert "stage-2 tables at the failing step" in out
     assert "replay: stage2-conformance replay" in out
@@ -177,7 +177,7 @@ def test_mutants_json_and_markdown(tmp_path, capsys):
     assert row["name"] == "mutant-no-cmo-on-map"
     assert row["caught"] is True and row["caught_runs"] == 1
     assert row["property"] == "guest-observation" and row["expected"] is True
-    assert row["examples"] >= 1 and row["steps"] >= 1
+    assert row["examples"] >= 1 and row["steps"] >= 0  # 0: caught in a warm boot
     assert 0 < row["generation_seconds"] <= row["seconds"]
     assert row["shrink_seconds"] >= 0
     assert "| mutant-no-cmo-on-map | caught 1/1 | guest-observation | yes |" in md.read_text()

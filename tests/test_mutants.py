@@ -105,14 +105,14 @@ SCRIPTS = {
     # TLB; v1 still caches the XN entry, faults, finds nothing to change and,
     # without its own local TLBI, faults for ever.
     "mutant-relax-tlbi-only-if-changed": (_config(), _layout(), [
-        ("guest_read", dict(vcpu=0, where=0)),
+        ("guest_read", dict(vcpu=0, where=0, pages=1)),
         ("guest_fetch", dict(vcpu=0, where=0)),
         ("guest_fetch", dict(vcpu=1, where=0)),
     ]),
     # misaligned (hva = gpa + 4K), THP-backed, 4 MiB slot: the second 2 MiB
     # window is inside the slot, only congruence (§3.3 a) forbids a block.
     "mutant-thp-no-congruence-check": (_config(), _layout(misaligned=True), [
-        ("guest_read", dict(vcpu=0, where=2)),
+        ("guest_read", dict(vcpu=0, where=2, pages=1)),
     ]),
 }
 

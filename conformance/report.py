@@ -35,6 +35,8 @@ from typing import Any, Iterable
 
 import attrs
 
+from strategies.layouts import START_STEPS
+
 #: How many IPAs of the failing step get a table walk in the report.
 MAX_IPAS = 4
 #: How many stage-2 leaves the summary lists.
@@ -382,9 +384,9 @@ def from_doc(doc: dict, *, replay_path: str | None = None,
         row = StepRow(number if number is not None else len(rows) + 1, call,
                       failed=number is not None and number == failed_no)
         if len(seen) > MAX_OBSERVATIONS:
-            # A step stops at its first unexpected observation, so all the
-            # earlier ones were as expected: show the last one only.
-            more = f"({len(seen) - 1} earlier accesses as expected) "
+            # A step stops at its first unexpected observation, so all but
+            # the last were as expected: show the last one only.
+            more = f"({len(seen) - 1} earlier accesses as expected; then) "
             seen = [{**seen[-1], "observer": more + seen[-1]["observer"]}]
         if seen:
             row.observer = "; ".join(o["observer"] for o in seen)
@@ -424,7 +426,7 @@ def describe_layout(layout) -> str:
     vmas = [f"{v.start:#x}-{v.end:#x}{' THP' if v.thp else ''}" for v in layout.vmas]
     start = getattr(layout, "start", "cold")
     return ("; ".join(parts) + "; VMAs " + ", ".join(vmas)
-            + ("" if start == "cold" else f"; starts {start} (see Layout.start)"))
+            + ("" if start == "cold" else f"; starts {start}: {START_STEPS.get(start, '?')}"))
 
 
 def _settings_line(settings: dict | None) -> str | None:

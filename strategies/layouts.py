@@ -15,8 +15,18 @@ from conformance.protocol import Capabilities, Memslot, VmConfig
 
 PAGE = 1 << 12
 MIB2 = 2 << 20
-#: Where a program starts in the VM's life (see :class:`Layout`).
+#: Where a program starts in the VM's life (see :class:`Layout`), and what
+#: ``boot`` plays through the candidate to get there.
 STARTS = ("cold", "running", "migrating", "migrated")
+START_STEPS = {
+    "cold": "",
+    "running": "vCPU0 read 8 pages of every 2 MiB window of slot 0 (logging off), "
+               "then logging on where the layout has it",
+    "migrating": "vCPU0 read 8 pages of every 2 MiB window of slot 0 (logging off), "
+                 "slot 0 logging on, vCPU0 wrote the same pages",
+    "migrated": "vCPU0 read 8 pages of every 2 MiB window of slot 0 (logging off), "
+                "slot 0 logging on, vCPU0 wrote the same pages, slot 0 logging off",
+}
 
 
 @attrs.frozen
@@ -54,7 +64,8 @@ class Layout:
                          f"@hva {s.userspace_addr:#x}")
         thp = [f"{v.start:#x}-{v.end:#x}{' THP' if v.thp else ''}" for v in self.vmas]
         return ("; ".join(parts) + "; VMAs " + ", ".join(thp)
-                + ("" if self.start == "cold" else f"; starts {self.start}"))
+                + ("" if self.start == "cold"
+                   else f"; starts {self.start}: {START_STEPS[self.start]}"))
 
 
 def configs(caps: Capabilities = Capabilities()) -> st.SearchStrategy[VmConfig]:

@@ -37,19 +37,19 @@ VCPU = st.integers(0, 3)
 SLOT0_MOSTLY = st.sampled_from((0, 0, 1, 0))
 #: Memslot changes. A deleted slot makes the rest of a program MMIO exits, so
 #: ``recreate`` comes twice as often (a no-op when no slot is deleted); dirty
-#: logging flips are here too (as well as in their own rule), because swarm
-#: testing switches whole rules off and the flips drive split and collapse.
+#: logging on/off are here too (as well as in their own rule), because swarm
+#: testing switches whole rules off and logging changes drive split and collapse.
 MEMSLOT_OPS = st.sampled_from(("logging off", "move", "recreate", "delete",
                                "recreate", "logging on"))
 #: What the guest does to its caches: SCTLR_EL1 writes (``caches on`` is M and
 #: C, ``caches off`` neither; whole on/off transitions are what guests do and
 #: what KVM's TVM/toggle logic is about, so they come twice as often as M or C
 #: alone) and set/way maintenance.
+CACHE_CONTROL = st.sampled_from(("caches on", "caches off", "set/way", "caches on",
+                                 "caches off", "set/way", "MMU only", "D-cache only"))
 PTRS_PER_TABLE = 512  # 4 KiB pages in a 2 MiB block
 #: Pages a guest read or write touches (shrinks to 1).
 PAGES = st.sampled_from((1, 8, 64))
-CACHE_CONTROL = st.sampled_from(("caches on", "caches off", "set/way", "caches on",
-                                 "caches off", "set/way", "MMU only", "D-cache only"))
 SCTLR_FOR = {"caches on": SCTLR_M | SCTLR_C, "caches off": 0, "MMU only": SCTLR_M,
              "D-cache only": SCTLR_C}
 HOST_OPS = ["mprotect_ro", "mprotect_rw", "migrate", "madvise_dontneed", "munmap",
@@ -180,7 +180,7 @@ class Stage2Machine(RuleBasedStateMachine):
         """vCPU0 accesses 8 pages spread over every 2 MiB window of ``slot``."""
         window = slot.base_gfn & ~(PTRS_PER_TABLE - 1)
         for base in range(window, slot.end_gfn, PTRS_PER_TABLE):
-            for gfn in range(base, base + PTRS_PER_TABLE, PTRS_PER_TABLE // 8):
+            for gfn in _spread(base, 8):
                 if slot.contains_gfn(gfn):
                     self._guest_access_gfn(0, gfn, kind)
 
@@ -250,11 +250,9 @@ class Stage2Machine(RuleBasedStateMachine):
     def _guest_run(self, vcpu, where, kind, pages):
         """``pages`` pages spread evenly over the 2 MiB window holding the page
         at ``where``, that page included (1: just that page)."""
-        vcpu, gfn = self._vcpu(vcpu), self._gfn(where)
-        stride = PTRS_PER_TABLE // pages
-        first = (gfn & ~(PTRS_PER_TABLE - 1)) + gfn % stride if pages > 1 else gfn
-        for i in range(pages):
-            self._guest_access_gfn(vcpu, first + i * stride, kind)
+        vcpu = self._vcpu(vcpu)
+        for gfn in _spread(self._gfn(where), pages):
+            self._guest_access_gfn(vcpu, gfn, kind)
 
     # Three rules rather than one with a ``kind``: Hypothesis picks rules
     # uniformly, and guest accesses should be a good share of every program.
@@ -423,10 +421,10 @@ class Stage2Machine(RuleBasedStateMachine):
         """KVM_SET_USER_MEMORY_REGION: set or clear dirty logging, delete,
         re-create or move a memslot."""
         if op == "recreate":
-            return self._memslot_recreate(which)
-        if self.slots and op.startswith("logging "):
-            return self._memslot_set_logging(which, op == "logging on")
-        if self.slots:
+            self._memslot_recreate(which)
+        elif self.slots and op.startswith("logging "):
+            self._memslot_set_logging(which, op == "logging on")
+        elif self.slots:
             getattr(self, f"_memslot_{op}")(which)
 
     def _memslot_set_logging(self, which, on):
@@ -535,6 +533,16 @@ def machine_for(name: str, candidate_cls: type,
                  "__module__": __name__,
                  "totals": collections.Counter(),
                  "event_programs": collections.Counter()})
+
+
+def _spread(gfn: int, pages: int) -> list[int]:
+    """``pages`` gfns evenly spaced over the 2 MiB window of ``gfn``, ``gfn``
+    among them (just ``[gfn]`` for one page)."""
+    if pages == 1:
+        return [gfn]
+    stride = PTRS_PER_TABLE // pages
+    first = (gfn & ~(PTRS_PER_TABLE - 1)) + gfn % stride
+    return [first + i * stride for i in range(pages)]
 
 
 def _slot_relative(memslots, gfn: int) -> tuple[int | None, int]:

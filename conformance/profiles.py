@@ -33,6 +33,7 @@ COMMON = dict(deadline=None, phases=PHASES, stateful_step_count=40,
               report_multiple_bugs=False,
               suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 
+
 def pin_generation_constants() -> bool:
     """Make a seed alone decide the programs.
 

@@ -55,6 +55,8 @@ SCTLR_FOR = {"caches on": SCTLR_M | SCTLR_C, "caches off": 0, "MMU only": SCTLR_
 HOST_OPS = ["mprotect_ro", "mprotect_rw", "migrate", "madvise_dontneed", "munmap",
             "mmap_again", "ksm_merge", "thp_split", "thp_collapse"]
 AGING = ["clear_flush_young", "clear_young", "test_young"]
+#: The step label of ``boot`` (always step 1).
+BOOT_LABEL = "boot (the VM and layout above)"
 
 
 def event(label: str) -> None:
@@ -74,7 +76,10 @@ def checked(fn):
     def wrapper(self, **kwargs):
         self.steps += 1
         args = ", ".join(f"{k}={v!r}" for k, v in kwargs.items())
-        label = f"{self.steps}: {fn.__name__}({args})"
+        # boot's arguments are the config and layout lines of every report;
+        # repeating their reprs in the label would bury the failing step.
+        label = (f"{self.steps}: {BOOT_LABEL}" if fn.__name__ == "boot"
+                 else f"{self.steps}: {fn.__name__}({args})")
         self.trace.append(label)
         self.calls.append((fn.__name__, dict(kwargs)))
         if self.platform is not None:
@@ -167,6 +172,9 @@ class Stage2Machine(RuleBasedStateMachine):
             self._change(cur, attrs.evolve(cur, log_dirty_pages=on), MemslotChange.FLAGS_ONLY)
 
         self._touch_windows(self.slots[sid], "read")
+        if layout.caches_on:
+            for vcpu in range(self.platform.config.nr_vcpus):
+                self._write_sctlr(vcpu, SCTLR_FOR["caches on"])
         if layout.start in ("migrating", "migrated"):
             set_logging(True)
             self._touch_windows(self.slots[sid], "write")
@@ -295,7 +303,9 @@ class Stage2Machine(RuleBasedStateMachine):
             self.platform.guest_set_way(vcpu)
             self.oracle.set_way(vcpu)
             return
-        new = SCTLR_FOR[op]
+        self._write_sctlr(vcpu, SCTLR_FOR[op])
+
+    def _write_sctlr(self, vcpu, new):
         self.platform.guest_write_sctlr(vcpu, new)
         self.oracle.write_sctlr(vcpu, new)
 

@@ -35,7 +35,6 @@ from typing import Any, Iterable
 
 import attrs
 
-from strategies.layouts import START_STEPS
 
 #: How many IPAs of the failing step get a table walk in the report.
 MAX_IPAS = 4
@@ -416,17 +415,8 @@ def from_doc(doc: dict, *, replay_path: str | None = None,
 
 
 def describe_layout(layout) -> str:
-    """Memslots (with their RO and dirty-logging flags) and VMAs, in hex."""
-    parts = []
-    for s in layout.memslots:
-        flags = [f for f, on in (("RO", s.readonly), ("dirty-logging", s.log_dirty_pages))
-                 if on]
-        parts.append(f"slot{s.id} gfn {s.base_gfn:#x}+{s.npages:#x} @hva "
-                     f"{s.userspace_addr:#x}" + (f" [{', '.join(flags)}]" if flags else ""))
-    vmas = [f"{v.start:#x}-{v.end:#x}{' THP' if v.thp else ''}" for v in layout.vmas]
-    start = getattr(layout, "start", "cold")
-    return ("; ".join(parts) + "; VMAs " + ", ".join(vmas)
-            + ("" if start == "cold" else f"; starts {start}: {START_STEPS.get(start, '?')}"))
+    """The layout line (:meth:`strategies.layouts.Layout.describe`)."""
+    return layout.describe()
 
 
 def _settings_line(settings: dict | None) -> str | None:

@@ -41,7 +41,7 @@ class RunResult:
     @property
     def steps(self) -> int:
         """Rule steps in the shrunk counterexample (boot and teardown excluded)."""
-        return sum(1 for t in self.trace if ": boot(" not in t and "teardown" not in t)
+        return sum(1 for t in self.trace if ": boot" not in t and "teardown" not in t)
 
 
 def run(name: str, candidate_cls: type, settings: Settings | None = None,

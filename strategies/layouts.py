@@ -50,22 +50,41 @@ class Layout:
     ``migrated``   as ``migrating``, then logging was turned off again: 4 KiB
                    tables are left where blocks may come back (§4.6).
 
+    In a warm start with ``caches_on``, every vCPU turned its MMU and caches on
+    (SCTLR_EL1.{M,C}, trapped by TVM: KVM flushes the VM and stops trapping,
+    reference §6.3) right after the first reads, as a guest kernel does once
+    its boot code has run with the MMU off. Without it the guest stays in its
+    MMU-off boot phase, which is where the cache bugs of §6.1 show.
+
     ``memslots`` are the slots as they are when the program starts."""
 
     memslots: tuple[Memslot, ...]
     vmas: tuple[Vma, ...]
     start: str = "cold"
+    caches_on: bool = False
+
+    def describe_start(self) -> str:
+        """What boot played to reach ``start`` ('' for a cold start)."""
+        if self.start == "cold":
+            return ""
+        steps = START_STEPS[self.start]
+        if self.caches_on:
+            first, sep, rest = steps.partition(" (logging off)")
+            steps = f"{first}{sep}, every vCPU turned its MMU and caches on{rest}"
+        return f"starts {self.start}: {steps}"
 
     def describe(self) -> str:
+        """Memslots (with their RO and dirty-logging flags), VMAs, in hex, and
+        the warm start if any: the layout line of notes and reports."""
         parts = []
         for s in self.memslots:
-            flags = "RO " if s.readonly else ""
-            parts.append(f"slot{s.id} {flags}gfn {s.base_gfn:#x}+{s.npages:#x} "
-                         f"@hva {s.userspace_addr:#x}")
+            flags = [f for f, on in (("RO", s.readonly), ("dirty-logging", s.log_dirty_pages))
+                     if on]
+            parts.append(f"slot{s.id} gfn {s.base_gfn:#x}+{s.npages:#x} @hva "
+                         f"{s.userspace_addr:#x}" + (f" [{', '.join(flags)}]" if flags else ""))
         thp = [f"{v.start:#x}-{v.end:#x}{' THP' if v.thp else ''}" for v in self.vmas]
-        return ("; ".join(parts) + "; VMAs " + ", ".join(thp)
-                + ("" if self.start == "cold"
-                   else f"; starts {self.start}: {START_STEPS[self.start]}"))
+        start = self.describe_start()
+        return "; ".join(parts) + "; VMAs " + ", ".join(thp) + (f"; {start}" if start else "")
 
 
 def configs(caps: Capabilities = Capabilities()) -> st.SearchStrategy[VmConfig]:
@@ -114,7 +133,9 @@ def layouts(draw) -> Layout:
     start = draw(st.sampled_from(STARTS + ("cold", "migrated")))
     if start in ("migrating", "migrated"):
         slots[0] = attrs.evolve(slots[0], log_dirty_pages=start == "migrating")
-    return Layout(tuple(slots), tuple(vmas), start)
+    # Half the warm starts have the guest's caches on (shrinks to off).
+    caches_on = start != "cold" and draw(st.booleans())
+    return Layout(tuple(slots), tuple(vmas), start, caches_on)
 
 
 def interesting_gfns(layout: Layout) -> list[int]:

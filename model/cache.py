@@ -67,7 +67,9 @@ def nc_write(s: LineState, value: int) -> LineState:
 
 def clean_inval(s: LineState) -> LineState:
     """DC CIVAC to PoC; also what a line eviction does."""
-    mem = s.dline if (s.dline is not None and s.dirty) else s.mem
+    if s.dline is None:
+        return s  # no line: nothing to write back or drop
+    mem = s.dline if s.dirty else s.mem
     return attrs.evolve(s, mem=mem, dline=None, dirty=False)
 
 
@@ -97,7 +99,7 @@ def ifetch(s: LineState, *, idc: bool, dic: bool) -> tuple[int, LineState]:
 
 def iinval(s: LineState) -> LineState:
     """IC IVAU / IC IALLU to PoU."""
-    return attrs.evolve(s, iline=None)
+    return s if s.iline is None else attrs.evolve(s, iline=None)
 
 
 def ispeculative_fill(s: LineState, *, idc: bool, dic: bool) -> LineState:

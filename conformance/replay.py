@@ -225,13 +225,21 @@ def _store(directory: Path, name: str, doc: dict) -> tuple[Path, Path]:
     directory.mkdir(parents=True, exist_ok=True)
     path = (directory / f"{_safe(name)}.json").absolute()
     md = path.with_suffix(".md")
-    path.write_text(json.dumps(doc, indent=1) + "\n")
+    _write_atomically(path, json.dumps(doc, indent=1) + "\n")
     rep = report.from_doc(doc, replay_path=_display(path), report_path=_display(md))
-    md.write_text(report.markdown(rep))
+    _write_atomically(md, report.markdown(rep))
     _counter = next(_seq)
     _written[str(path)] = (_counter, str(md))
     _reports[str(path)] = rep
     return path, md
+
+
+def _write_atomically(path: Path, text: str) -> None:
+    """Write via a temporary file and rename: two processes failing on the same
+    candidate (pytest -n) leave one complete file, never an interleaving."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
 
 
 def _display(path: Path) -> str:

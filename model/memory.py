@@ -30,8 +30,10 @@ class PageUse(enum.Enum):
     FREED = "freed"
 
 
-#: Uses whose page holds descriptors.
-TABLE_USES = frozenset({PageUse.TABLE, PageUse.PGD, PageUse.UNLINKED})
+#: Uses whose page holds descriptors. A tuple, not a set: membership is then
+#: an identity test, where a set would call Enum.__hash__ (Python code) on
+#: every descriptor read.
+TABLE_USES = (PageUse.TABLE, PageUse.PGD, PageUse.UNLINKED)
 
 
 class MemoryError_(Exception):

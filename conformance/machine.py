@@ -92,7 +92,8 @@ def checked(fn):
                 self.platform.events.clear()
             return result
         except ConformanceFailure as exc:
-            exc.step = exc.step or label
+            # The platform's label is the rule's, or boot's with its phase.
+            exc.step = exc.step or (self.platform and self.platform.step) or label
             self.failed = True
             type(self).last_failure = (exc, list(self.trace), self)
             write_failure(self, exc)
@@ -148,9 +149,11 @@ class Stage2Machine(RuleBasedStateMachine):
         for v in layout.vmas:
             p.host_mmap(v.start, v.end, v.thp)
             self.oracle.mmap(v.start, v.end)
+        self._boot_phase("constructing the candidate and its vCPUs")
         p.candidate = p.construct(self.candidate_cls)
         for vcpu in range(config.nr_vcpus):
             p.vcpu_init(vcpu)
+        self._boot_phase("creating the memslots")
         for slot in layout.memslots:
             first = slot if layout.start == "cold" else attrs.evolve(slot, log_dirty_pages=False)
             p.set_memslot(None, first, MemslotChange.CREATE)
@@ -171,18 +174,29 @@ class Stage2Machine(RuleBasedStateMachine):
             cur = self.slots[sid]
             self._change(cur, attrs.evolve(cur, log_dirty_pages=on), MemslotChange.FLAGS_ONLY)
 
+        self._boot_phase(f"vCPU0 reading 8 pages of every 2 MiB window of slot {sid}")
         self._touch_windows(self.slots[sid], "read")
         if layout.caches_on:
+            self._boot_phase("every vCPU turning its MMU and caches on")
             for vcpu in range(self.platform.config.nr_vcpus):
                 self._write_sctlr(vcpu, SCTLR_FOR["caches on"])
         if layout.start in ("migrating", "migrated"):
+            self._boot_phase(f"slot {sid} logging on")
             set_logging(True)
+            self._boot_phase(f"vCPU0 writing the same pages of slot {sid}")
             self._touch_windows(self.slots[sid], "write")
             if layout.start == "migrated":
+                self._boot_phase(f"slot {sid} logging off")
                 set_logging(False)
+        self._boot_phase("setting the memslot flags the layout has")
         for slot in layout.memslots:
             if self.slots[slot.id] != slot:
                 self._change(self.slots[slot.id], slot, MemslotChange.FLAGS_ONLY)
+
+    def _boot_phase(self, what: str) -> None:
+        """Name the part of boot now running in the step label, so that a
+        failure inside a warm start says where (``1: boot (...): what``)."""
+        self.platform.step = f"{self.trace[-1]}: {what}"
 
     def _touch_windows(self, slot, kind):
         """vCPU0 accesses 8 pages spread over every 2 MiB window of ``slot``."""

@@ -40,8 +40,9 @@ import attrs
 MAX_IPAS = 4
 #: How many stage-2 leaves the summary lists.
 MAX_LEAVES = 16
-#: A step with more observations (a run of pages, a warm start) shows its last.
-MAX_OBSERVATIONS = 2
+#: A step with more observations (a run of pages, a warm start) shows its last,
+#: after a count of the earlier ones (one row, so its columns stay aligned).
+MAX_OBSERVATIONS = 1
 
 
 # ------------------------------------------------------------------ capture
@@ -385,7 +386,8 @@ def from_doc(doc: dict, *, replay_path: str | None = None,
         if len(seen) > MAX_OBSERVATIONS:
             # A step stops at its first unexpected observation, so all but
             # the last were as expected: show the last one only.
-            more = f"({len(seen) - 1} earlier accesses as expected; then) "
+            earlier = len(seen) - 1
+            more = f"({earlier} earlier access{'es' if earlier > 1 else ''} as expected; then) "
             seen = [{**seen[-1], "observer": more + seen[-1]["observer"]}]
         if seen:
             row.observer = "; ".join(o["observer"] for o in seen)

@@ -91,6 +91,17 @@ def test_caches_on_start_is_checked_like_a_step():
         _boot(_layout("running", caches_on=True), MUTANTS["mutant-toggle-no-flush-on-enable"])
     assert info.value.property == "cache-maintenance"
     assert "turned its MMU/caches on" in info.value.message
+    # The step label names the part of boot that failed.
+    assert info.value.step == ("1: boot (the VM and layout above): "
+                               "every vCPU turning its MMU and caches on")
+
+
+def test_a_guest_observation_in_a_warm_start_names_the_boot_phase():
+    with pytest.raises(PropertyViolation) as info:
+        _boot(_layout("running"), MUTANTS["mutant-map-no-dcache-clean"])
+    assert info.value.property == "guest-observation"
+    assert info.value.step == ("1: boot (the VM and layout above): "
+                               "vCPU0 reading 8 pages of every 2 MiB window of slot 0")
 
 
 @pytest.mark.parametrize("caches_on", [False, True])

@@ -250,17 +250,25 @@ def _display(path: Path) -> str:
         return str(path)
 
 
-def write_failure(machine, failure: ConformanceFailure) -> Path | None:
-    """Write the replay JSON and the Markdown report; never raises."""
+def write_failure(machine, failure: ConformanceFailure, *, settings: dict | None = None,
+                  deleted_steps: int = 0) -> Path | None:
+    """Write the replay JSON and the Markdown report; never raises.
+    ``settings`` defaults to the running Hypothesis test's (kept on the
+    machine as ``run_settings`` for a later rewrite); ``deleted_steps`` is
+    what :mod:`conformance.polish` removed."""
     if _suspended:
         return None
     path = None
     try:
         name = getattr(machine, "candidate_name", machine.candidate_cls.__name__)
         counters = machine.platform.counters if machine.platform else {}
+        settings = settings if settings is not None else hypothesis_settings(machine)
+        machine.run_settings = settings
         doc = replay_document(name, machine.candidate_cls, failure, machine.calls,
                               machine.trace, counters, machine=machine,
-                              settings=hypothesis_settings(machine))
+                              settings=settings)
+        if deleted_steps:
+            doc["deleted_steps"] = deleted_steps
         path, _md = _store(failures_dir(), name, doc)
     except Exception as exc:  # a report must never turn a failure into a crash
         import sys

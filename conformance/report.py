@@ -346,6 +346,16 @@ class Report:
     replay_path: str | None = None
     report_path: str | None = None
     caches: list[str] = attrs.Factory(list)
+    #: Steps :mod:`conformance.polish` deleted from Hypothesis's shrunk program.
+    deleted_steps: int = 0
+
+    @property
+    def steps_note(self) -> str:
+        """How short the counterexample is, and whether step deletion helped."""
+        n = sum(1 for r in self.rows if not r.call.startswith(("boot", "teardown")))
+        extra = (f"; {self.deleted_steps} more deleted after Hypothesis's shrink, "
+                 "failing the same way without them" if self.deleted_steps else "")
+        return f"{n} step(s) after boot{extra}"
 
     @property
     def headline(self) -> str:
@@ -413,7 +423,7 @@ def from_doc(doc: dict, *, replay_path: str | None = None,
         tree=list(state.get("tree", ())), tlbs=list(state.get("tlbs", ())),
         leaves=list(state.get("leaves", ())), counters=dict(doc.get("counters") or {}),
         settings=doc.get("settings"), replay_path=replay_path, report_path=report_path,
-        caches=list(state.get("caches", ())))
+        caches=list(state.get("caches", ())), deleted_steps=doc.get("deleted_steps", 0))
 
 
 def describe_layout(layout) -> str:
@@ -458,7 +468,8 @@ def markdown(report: Report) -> str:
         lines += [""]
     lines += ["## Steps", "",
               "Numbered as in the failure message (`boot` is step 1); rule names and "
-              "arguments as in Hypothesis's printed program.", "",
+              "arguments as in Hypothesis's printed program "
+              f"({report.steps_note}).", "",
               "| # | step | observation | expected | observed |", "|---|---|---|---|---|"]
     for r in report.rows:
         mark = f"**{r.number}** ✗" if r.failed else str(r.number)
@@ -499,8 +510,7 @@ def text(report: Report) -> str:
         out.append(f"VM:     {report.config}")
     if report.layout:
         out.append(f"layout: {report.layout}")
-    n = sum(1 for r in report.rows if not r.call.startswith(("boot", "teardown")))
-    out.append(f"counterexample ({n} step(s) after boot):")
+    out.append(f"counterexample ({report.steps_note}):")
     for r in report.rows:
         mark = "✗" if r.failed else " "
         out.append(f"{mark}{r.number:3d}: {r.call}")
@@ -556,7 +566,8 @@ def renderable(report: Report):
         if report.layout:
             vm.add_row("[bold]layout[/bold]", escape(report.layout))
         parts.append(vm)
-    steps = Table(title="steps (boot is 1)", box=box.SIMPLE_HEAD, title_justify="left")
+    steps = Table(title=f"steps (boot is 1; {report.steps_note})", box=box.SIMPLE_HEAD,
+                  title_justify="left")
     steps.add_column("#", justify="right", no_wrap=True)
     steps.add_column("step")
     observed_any = any(r.observer for r in report.rows)

@@ -14,7 +14,7 @@ from hypothesis.stateful import run_state_machine_as_test
 
 from conformance.errors import CandidateError, ConformanceFailure
 from conformance.machine import machine_for
-from conformance import profiles
+from conformance import polish, profiles
 
 
 @attrs.define
@@ -71,7 +71,7 @@ def run(name: str, candidate_cls: type, settings: Settings | None = None,
         run_state_machine_as_test(machine, settings=Settings(base, **overrides))
     except ConformanceFailure as exc:
         found = machine.last_failure or (exc, [], None)
-        failure, trace, m = found
+        failure, trace, m = polish.after_failure(name, candidate_cls, found)
         status = "error" if isinstance(failure, CandidateError) else "fail"
         counters = dict(m.platform.counters) if m is not None and m.platform else {}
         return RunResult(name, status, time.perf_counter() - start, failure, trace, counters,

@@ -23,7 +23,8 @@ import unittest
 
 from hypothesis import settings as Settings
 
-from conformance import plugin, registry
+from conformance import plugin, polish, registry
+from conformance.errors import ConformanceFailure
 from conformance.machine import machine_for
 
 #: The candidate names this module was built for, in order.
@@ -73,8 +74,25 @@ def selection() -> list[tuple[str, type | Exception]]:
 def conformance_test_case(name: str, cls: type) -> type[unittest.TestCase]:
     """The pytest-collectable TestCase running ``cls``'s conformance machine
     under the current Hypothesis profile."""
-    base = machine_for(name, cls).TestCase
+    machine = machine_for(name, cls)
+    base = machine.TestCase
+
+    def runTest(self):
+        try:
+            base.runTest(self)
+        except ConformanceFailure:
+            # Hypothesis has shrunk and re-raised; shorten the program on the
+            # rule level too, so the report and replay file are the shortest.
+            if machine.last_failure is not None:
+                polish.after_failure(name, cls, machine.last_failure)
+            raise
+
+    # What Hypothesis's pytest plugin looks for (statistics, --hypothesis-seed).
+    runTest.is_hypothesis_test = True
+    runTest._hypothesis_state_machine_class = machine
+
     return type(f"TestConformance_{safe_name(name)}", (base,), {
+        "runTest": runTest,
         "settings": _CurrentProfileSettings(),
         "candidate_name": name,
         "candidate_cls": cls,

@@ -1,0 +1,99 @@
+"""Step deletion after Hypothesis's shrink (DESIGN §7: short counterexamples).
+
+Hypothesis's shrinker deletes runs of at most five choices at a time. One
+step of a conformance program is 4 to 8 choices (the "go on" flag, the rule,
+swarm-testing flags written on every rule choice, the arguments), so a step in
+the middle of a program can survive shrinking even though the program fails
+the same way without it; for example two redundant ``caches on`` steps before
+the write that shows a missing dirty mark. This pass finishes the job on the
+rule level: it replays the shrunk program without each step in turn (last
+first, ``boot`` never) and keeps every deletion after which the program still
+fails with the same failure (the same exception class, property family and,
+for candidate errors, kind), until no single step can go. The result is
+1-minimal: removing any one remaining step makes the failure go away or
+change.
+
+Each attempt is one replay without Hypothesis (no files written), so the pass
+costs a few replays of a program Hypothesis has already made short.
+"""
+
+from __future__ import annotations
+
+import attrs
+
+from conformance import replay
+from conformance.errors import ConformanceFailure
+
+#: Replays the pass may spend; a shrunk program is short, so this is rarely hit.
+MAX_ATTEMPTS = 60
+
+
+@attrs.frozen
+class Polished:
+    """The program after step deletion and the failure it gives."""
+
+    calls: tuple          # (rule, kwargs) pairs, boot first
+    failure: ConformanceFailure
+    machine: object       # the machine at the failure, for the report
+    deleted: int          # steps removed from the program Hypothesis shrank to
+
+
+def same_failure(a: ConformanceFailure, b: ConformanceFailure) -> bool:
+    """The equivalence the pass keeps: what the report's headline shows."""
+    return (type(a) is type(b) and a.property == b.property
+            and getattr(a, "kind", None) == getattr(b, "kind", None))
+
+
+def play(name: str, cls: type, calls) -> tuple[ConformanceFailure | None, object]:
+    """Run ``calls`` (boot first) and teardown against ``cls`` without
+    Hypothesis and without writing files; the failure (or ``None``) and the
+    machine."""
+    from conformance.machine import machine_for
+
+    machine = machine_for(name, cls)()
+    with replay.not_writing():
+        try:
+            for rule, kwargs in calls:
+                getattr(machine, rule)(**kwargs)
+            machine.teardown()
+        except ConformanceFailure as exc:
+            return exc, machine
+    return None, machine
+
+
+def delete_steps(name: str, cls: type, calls, failure: ConformanceFailure,
+                 max_attempts: int = MAX_ATTEMPTS) -> Polished | None:
+    """Delete every step of ``calls`` that the failure does not need (see the
+    module docstring). ``None`` when no step could be deleted."""
+    best = tuple(calls)
+    best_failure, best_machine = failure, None
+    attempts, changed = 0, True
+    while changed and attempts < max_attempts:
+        changed = False
+        i = len(best) - 1
+        while i >= 1 and attempts < max_attempts:  # calls[0] is boot
+            trial = best[:i] + best[i + 1:]
+            attempts += 1
+            got, machine = play(name, cls, trial)
+            if got is not None and same_failure(got, failure):
+                best, best_failure, best_machine, changed = trial, got, machine, True
+            i -= 1
+    if best_machine is None:
+        return None
+    return Polished(best, best_failure, best_machine, len(calls) - len(best))
+
+
+def after_failure(name: str, cls: type, found):
+    """Given a machine class's ``last_failure`` (failure, trace, machine) after
+    Hypothesis's shrink, delete what steps it can, rewrite the failure files
+    for the shorter program and return its (failure, trace, machine)."""
+    failure, trace, machine = found
+    if machine is None or not getattr(machine, "calls", None):
+        return found
+    polished = delete_steps(name, cls, machine.calls, failure)
+    if polished is None:
+        return found
+    replay.write_failure(polished.machine, polished.failure,
+                         settings=getattr(machine, "run_settings", None),
+                         deleted_steps=polished.deleted)
+    return polished.failure, list(polished.machine.trace), polished.machine

@@ -14,7 +14,9 @@ for candidate errors, kind), until no single step can go. The result is
 change.
 
 Each attempt is one replay without Hypothesis (no files written), so the pass
-costs a few replays of a program Hypothesis has already made short.
+costs a few replays of a program Hypothesis has already made short. A
+candidate that timed out is left alone: each replay would wait out the
+timeout again.
 """
 
 from __future__ import annotations
@@ -90,6 +92,8 @@ def after_failure(name: str, cls: type, found):
     failure, trace, machine = found
     if machine is None or not getattr(machine, "calls", None):
         return found
+    if getattr(failure, "kind", None) == "timeout":
+        return found  # every replay would wait out the timeout again
     polished = delete_steps(name, cls, machine.calls, failure)
     if polished is None:
         return found

@@ -113,3 +113,18 @@ def test_every_failure_file_holds_a_one_minimal_program(how, tmp_path, monkeypat
     failure, _ = polish.play(NAME, cls, calls)
     assert failure is not None and failure.property == "dirty-logging"
     assert polish.delete_steps(NAME, cls, calls, failure) is None
+
+
+def test_a_timeout_is_not_replayed(monkeypatch):
+    """Each replay of a hang would wait out the timeout again: left as is."""
+    import types
+
+    played = []
+    monkeypatch.setattr(polish, "play", lambda *a: played.append(a) or (None, None))
+    failure = CandidateError("timeout", "did not return")
+    found = (failure, [], types.SimpleNamespace(calls=[BOOT, READ]))
+    assert polish.after_failure("hang", MUTANTS[NAME], found) is found
+    assert played == []
+    raised = (CandidateError("raised", "boom"), [], types.SimpleNamespace(calls=[BOOT, READ]))
+    polish.after_failure("boom", MUTANTS[NAME], raised)
+    assert len(played) == 1  # other candidate errors are shortened like any failure

@@ -94,7 +94,12 @@ def after_failure(name: str, cls: type, found):
         return found
     if getattr(failure, "kind", None) == "timeout":
         return found  # every replay would wait out the timeout again
-    polished = delete_steps(name, cls, machine.calls, failure)
+    try:
+        polished = delete_steps(name, cls, machine.calls, failure)
+    except Exception as exc:  # noqa: BLE001 - never turn a found failure into a crash
+        import sys
+        print(f"stage2-conformance: step deletion skipped: {exc!r}", file=sys.stderr)
+        return found
     if polished is None:
         return found
     replay.write_failure(polished.machine, polished.failure,

@@ -128,3 +128,16 @@ def test_a_timeout_is_not_replayed(monkeypatch):
     raised = (CandidateError("raised", "boom"), [], types.SimpleNamespace(calls=[BOOT, READ]))
     polish.after_failure("boom", MUTANTS[NAME], raised)
     assert len(played) == 1  # other candidate errors are shortened like any failure
+
+
+def test_a_crash_while_deleting_keeps_the_found_failure(monkeypatch, capsys):
+    import types
+
+    def broken(*a):
+        raise KeyError("harness bug")
+
+    monkeypatch.setattr(polish, "play", broken)
+    found = (PropertyViolation("dirty-logging", "x"), [],
+             types.SimpleNamespace(calls=[BOOT, READ, WRITE]))
+    assert polish.after_failure(NAME, MUTANTS[NAME], found) is found
+    assert "step deletion skipped: KeyError('harness bug')" in capsys.readouterr().err

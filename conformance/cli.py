@@ -675,8 +675,9 @@ def _add_mutants(sub) -> None:
     p.add_argument("--seeds", type=_positive, default=5, metavar="N",
                    help="seeded runs per mutant, seeds 0..N-1 (default: %(default)s)")
     p.add_argument("--examples", type=_positive, default=300, metavar="N",
-                   help="max_examples per run (default: %(default)s, the mutant "
-                        "corpus budget)")
+                   help="max_examples per run (default: %(default)s: a cap high "
+                        "enough to show the slow tail; tests/test_mutants.py holds "
+                        "every mutant to the ci profile's 60)")
     p.add_argument("--profile", default="dev", choices=sorted(profiles.PROFILES),
                    help="Hypothesis settings profile, run seeded and without the "
                         "database (default: %(default)s)")

@@ -113,9 +113,9 @@ def test_one_set_way_op_catches_set_way_ignored_only_with_caches_on(caches_on):
     with replay.not_writing():
         if caches_on:
             with pytest.raises(PropertyViolation, match="first set/way operation"):
-                machine.guest_cache_control(vcpu=0, op="set/way")
+                machine.guest_set_way(vcpu=0)
         else:
-            machine.guest_cache_control(vcpu=0, op="set/way")
+            machine.guest_set_way(vcpu=0)
 
 
 def test_fwb_start_with_caches_on_needs_no_trap():

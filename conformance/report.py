@@ -353,8 +353,9 @@ class Report:
     def steps_note(self) -> str:
         """How short the counterexample is, and whether step deletion helped."""
         n = sum(1 for r in self.rows if not r.call.startswith(("boot", "teardown")))
+        them = "them" if self.deleted_steps > 1 else "it"
         extra = (f"; {self.deleted_steps} more deleted after Hypothesis's shrink, "
-                 "failing the same way without them" if self.deleted_steps else "")
+                 f"failing the same way without {them}" if self.deleted_steps else "")
         return f"{n} step(s) after boot{extra}"
 
     @property

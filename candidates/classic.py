@@ -172,7 +172,13 @@ class ClassicCandidate(KvmBase):
                     raise RuntimeError(f"stage-2 install failed: {ret}")
                 return Exit.RESUME
         finally:
-            svc.release_page(page.pfn)
+            self.release_faultin_page(page, pfn)
+
+    def release_faultin_page(self, page, pfn: int) -> None:
+        """Step 20: drop the reference GUP took, on ``page`` (``pfn`` is what
+        was mapped: the 2 MiB head after THP adjustment, which holds none;
+        the stage-2 mapping itself holds no page reference, §9.5 N6)."""
+        self.services.release_page(page.pfn)
 
     # ===================================================== notifiers (§5)
     def invalidate_range_start(self, rng: NotifierRange) -> None:

@@ -15,7 +15,7 @@ year) or breaks one invariant (reference §9). Metadata on every class:
 
 :data:`MUTANTS` is the registered corpus: ``tests/test_mutants.py`` checks that
 the suite catches each one, by the right family, with at most 10 shrunk steps,
-under the derandomized ``ci`` profile with 300 programs, and that unmutated
+under the derandomized ``ci`` profile (60 programs), and that unmutated
 ``kvm-classic`` passes the shrunk program. :data:`OUT_OF_BUDGET` holds real
 bugs the suite sees only when driven through their counterexample (see there).
 
@@ -507,6 +507,41 @@ class ExecWithoutIcacheInval(_ClassicMutant):
         self.pgt.dic = True
 
 
+# ================================================ host page references, locking
+class ThpAdjustReleasesHead(_ClassicMutant):
+    """After THP adjustment the fault path drops its GUP reference on the
+    mapped 2 MiB head instead of on the page GUP returned: half of the
+    tail-to-head reference transfer that ``transparent_hugepage_adjust`` did
+    up to v6.6 (``release(tail); get_page(head)``), without the
+    ``get_page(head)``. The head loses a reference it never had and the
+    faulting page keeps one for ever (reference §3.4, §3.2 step 20, §9.5 N6;
+    the transfer was dropped in 2023, "Do not transfer page refcount for THP
+    adjustment")."""
+
+    bug = "GUP reference released on the THP head instead of the faulting page"
+    reference = "§3.4, §3.2 step 20, §9.5 N6"
+    expected_property = ("host-page-refs",)
+
+    def release_faultin_page(self, page, pfn):
+        self.services.release_page(pfn)
+
+
+class GupUnderMmuLock(_ClassicMutant):
+    """The fault path takes ``mmu_lock`` before resolving the pfn, so GUP runs
+    under it. GUP may sleep and may break copy-on-write, which raises MMU
+    notifiers that take ``mmu_lock`` for write: a sleeping-in-atomic bug and
+    a deadlock (reference §3.2 steps 10-14: GUP first, then the lock and the
+    ``mmu_invalidate_retry`` check; §7.1)."""
+
+    bug = "GUP called with mmu_lock held (may sleep; its notifiers take the lock)"
+    reference = "§3.2 steps 10-14, §7.1"
+    expected_property = ("locking",)
+
+    def user_mem_abort(self, fault, slot):
+        with self.services.mmu_read_lock():
+            return super().user_mem_abort(fault, slot)
+
+
 # ========================================== table lifecycle, break-before-make
 class _CollapseLeakPgTable(Stage2PgTable):
     def free_unlinked_table(self, table, level):
@@ -593,6 +628,9 @@ MUTANTS = {
     "mutant-no-tvm-at-vcpu-init": NoTvmAtVcpuInit,
     "mutant-set-way-ignored": SetWayIgnoredWithoutFwb,
     "mutant-exec-no-icache-inval": ExecWithoutIcacheInval,
+    # host page references and locking
+    "mutant-thp-adjust-releases-head": ThpAdjustReleasesHead,
+    "mutant-gup-under-mmu-lock": GupUnderMmuLock,
     # table lifecycle and break-before-make
     "mutant-collapse-leaks-subtree": CollapseLeaksSubtree,
     "mutant-collapse-single-ipa-tlbi": CollapseSingleIpaTlbi,
@@ -600,8 +638,8 @@ MUTANTS = {
 }
 
 #: Real bugs the suite sees only when a program contains their counterexample
-#: (1-4 steps), which the random programs of the ``ci`` budget (300,
-#: derandomized) do not reach, or reach only with a shrink of about 100 s.
+#: (1-4 steps), which the random programs of the ``ci`` profile do not reach
+#: even with 300 derandomized programs, or reach only with a shrink of about 100 s.
 #: They are not registered; ``tests/test_mutants.py`` drives each one through
 #: its scripted counterexample and checks that the oracle or a monitor fails
 #: it (and that unmutated ``kvm-classic`` passes it). Why (issue 4 report):

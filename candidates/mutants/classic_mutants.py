@@ -507,6 +507,23 @@ class ExecWithoutIcacheInval(_ClassicMutant):
         self.pgt.dic = True
 
 
+class HarvestDropsLastWord(_ClassicMutant):
+    """``KVM_GET_DIRTY_LOG`` copies the bitmap with its word count rounded
+    down, ``(npages - 1) / 64`` where ``DIV_ROUND_UP(npages, 64)`` is meant:
+    the last 64 pages of every slot are write-protected and cleared like the
+    rest but never reported, so the VMM never re-sends them (reference §4.4,
+    §9.4 D2: under-reporting is never allowed)."""
+
+    bug = "dirty bitmap harvested one word short: the slot's last 64 pages are never reported"
+    reference = "§4.4, §9.4 D2"
+    expected_property = ("dirty-log-harvest",)
+
+    def get_dirty_log(self, slot):
+        dirty = super().get_dirty_log(slot)
+        end = slot.base_gfn + (slot.npages - 1) // 64 * 64
+        return frozenset(g for g in dirty if g < end)
+
+
 # ================================================ host page references, locking
 class ThpAdjustReleasesHead(_ClassicMutant):
     """After THP adjustment the fault path drops its GUP reference on the
@@ -621,6 +638,7 @@ MUTANTS = {
     "mutant-harvest-no-reprotect": HarvestWithoutReprotect,
     "mutant-relax-no-dirty-mark": RelaxWithoutDirtyMark,
     "mutant-logging-block-writable": LoggingLeavesBlocksWritable,
+    "mutant-harvest-drops-last-word": HarvestDropsLastWord,
     # cache maintenance
     "mutant-map-no-dcache-clean": MapWithoutDcacheClean,
     "mutant-block-cleans-one-page": BlockCleansOnePage,

@@ -78,13 +78,16 @@ def conformance_test_case(name: str, cls: type) -> type[unittest.TestCase]:
     base = machine.TestCase
 
     def runTest(self):
+        machine.last_failure = None
         try:
             base.runTest(self)
-        except ConformanceFailure:
-            # Hypothesis has shrunk and re-raised; shorten the program on the
-            # rule level too, so the report and replay file are the shortest.
-            if machine.last_failure is not None:
-                polish.after_failure(name, cls, machine.last_failure)
+        except ConformanceFailure as exc:
+            # Hypothesis has shrunk and re-raised the last replay's failure;
+            # shorten that program on the rule level too, so the report and
+            # the replay file are the shortest.
+            found = machine.last_failure
+            if found is not None and found[0] is exc:
+                polish.after_failure(name, cls, found)
             raise
 
     # What Hypothesis's pytest plugin looks for (statistics, --hypothesis-seed).

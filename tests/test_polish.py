@@ -23,7 +23,8 @@ BOOT = ("boot", dict(config=CONFIG, layout=LAYOUT))
 READ = ("guest_read", dict(vcpu=0, where=0, pages=1))
 CACHES_ON = ("guest_cache_control", dict(vcpu=0, op="caches on"))
 WRITE = ("guest_write", dict(vcpu=0, where=0, pages=1))
-#: What Hypothesis 6.155 shrank this mutant's ci counterexample to: the two
+#: What Hypothesis 6.155 shrank this mutant's ci counterexample to (on the
+#: generator of 2026-11-30, before guest_set_way was a rule): the two
 #: ``caches on`` steps are 7 choices each, more than its shrinker deletes at once.
 SHRUNK = [BOOT, READ, CACHES_ON, CACHES_ON, WRITE]
 
@@ -96,23 +97,26 @@ pytest_plugins = ["pytester"]
 @pytest.mark.parametrize("how", ["runner", "pytest"])
 def test_every_failure_file_holds_a_one_minimal_program(how, tmp_path, monkeypatch, pytester):
     """Whatever Hypothesis shrinks to, the replay file's program is 1-minimal,
-    from ``stage2-conformance run`` and from pytest alike."""
+    from ``stage2-conformance run`` and from pytest alike. (With Hypothesis
+    6.155 and today's generator, ci's shrunk program for this mutant keeps one
+    removable step, so both paths must run the deletion pass to pass this.)"""
+    name = "mutant-harvest-no-reprotect"
     monkeypatch.setenv("STAGE2_FAILURES_DIR", str(tmp_path))
-    cls = MUTANTS[NAME]
+    cls = MUTANTS[name]
     if how == "runner":
         from conformance.runner import run
-        assert run(NAME, cls, profile="ci", max_examples=300).status == "fail"
+        assert run(name, cls, profile="ci").status == "fail"
     else:
-        out = pytester.runpytest_subprocess("--candidate", NAME, "--hypothesis-profile", "ci",
+        out = pytester.runpytest_subprocess("--candidate", name, "--hypothesis-profile", "ci",
                                             "-p", "no:randomly", "-p", "no:cacheprovider")
         out.assert_outcomes(failed=1)
         out.stdout.fnmatch_lines(["*stage2-conformance report*", "*counterexample (*"])
-    doc = json.loads((tmp_path / f"{NAME}.json").read_text())
+    doc = json.loads((tmp_path / f"{name}.json").read_text())
     calls = [(s["rule"], {k: replay.decode(v) for k, v in s["args"].items()})
              for s in doc["steps"]]
-    failure, _ = polish.play(NAME, cls, calls)
+    failure, _ = polish.play(name, cls, calls)
     assert failure is not None and failure.property == "dirty-logging"
-    assert polish.delete_steps(NAME, cls, calls, failure) is None
+    assert polish.delete_steps(name, cls, calls, failure) is None
 
 
 def test_a_timeout_is_not_replayed(monkeypatch):

@@ -318,6 +318,12 @@ def load(path: str | Path) -> dict:
     return doc
 
 
+def decode_steps(doc: dict) -> list[tuple[str, dict]]:
+    """The ``(rule, kwargs)`` calls of a replay document, ``boot`` first."""
+    return [(step["rule"], {k: decode(v) for k, v in step["args"].items()})
+            for step in doc["steps"]]
+
+
 def replay_machine(path_or_doc, candidate_cls: type | None = None,
                    candidate: str | None = None):
     """Re-run a replay file step by step, without Hypothesis and without
@@ -326,31 +332,23 @@ def replay_machine(path_or_doc, candidate_cls: type | None = None,
     state are the replay's own; ``failure`` is ``None`` when it passed)."""
     import time
 
-    from conformance.machine import machine_for
+    from conformance.polish import play
     from conformance.registry import load as load_candidate
     from conformance.runner import RunResult
 
     doc = path_or_doc if isinstance(path_or_doc, dict) else load(path_or_doc)
     name = candidate or doc["candidate"]
     cls = candidate_cls or load_candidate(name)
-    machine = machine_for(name, cls)()
     start = time.perf_counter()
-    calls = []
-    with not_writing():
-        try:
-            for step in doc["steps"]:
-                kwargs = {k: decode(v) for k, v in step["args"].items()}
-                calls.append((step["rule"], kwargs))
-                getattr(machine, step["rule"])(**kwargs)
-            machine.teardown()
-        except ConformanceFailure as exc:
-            status = "error" if isinstance(exc, CandidateError) else "fail"
-            counters = dict(machine.platform.counters) if machine.platform else {}
-            result = RunResult(name, status, time.perf_counter() - start, exc,
-                               list(machine.trace), counters)
-            out = replay_document(name, cls, exc, calls, machine.trace, counters,
-                                  machine=machine, settings=doc.get("settings"))
-            return result, machine, out
+    exc, machine = play(name, cls, decode_steps(doc))
+    if exc is not None:
+        status = "error" if isinstance(exc, CandidateError) else "fail"
+        counters = dict(machine.platform.counters) if machine.platform else {}
+        result = RunResult(name, status, time.perf_counter() - start, exc,
+                           list(machine.trace), counters)
+        out = replay_document(name, cls, exc, machine.calls, machine.trace, counters,
+                              machine=machine, settings=doc.get("settings"))
+        return result, machine, out
     counters = dict(machine.platform.counters) if machine.platform else {}
     result = RunResult(name, "pass", time.perf_counter() - start, None,
                        list(machine.trace), counters)
@@ -365,6 +363,6 @@ def replay(path: str | Path, candidate_cls: type | None = None,
     return replay_machine(path, candidate_cls, candidate)[0]
 
 
-__all__ = ["replay", "replay_machine", "write_failure", "markdown_report", "load",
+__all__ = ["replay", "replay_machine", "decode_steps", "write_failure", "markdown_report", "load",
            "PropertyViolation", "failures_dir", "written_since", "current_seq",
            "last_report", "not_writing", "listeners", "write_import_error"]

@@ -40,9 +40,6 @@ import attrs
 MAX_IPAS = 4
 #: How many stage-2 leaves the summary lists.
 MAX_LEAVES = 16
-#: A step with more observations (a run of pages, a warm start) shows its last,
-#: after a count of the earlier ones (one row, so its columns stay aligned).
-MAX_OBSERVATIONS = 1
 
 
 # ------------------------------------------------------------------ capture
@@ -394,23 +391,21 @@ def from_doc(doc: dict, *, replay_path: str | None = None,
         seen = obs.get(number, [])
         row = StepRow(number if number is not None else len(rows) + 1, call,
                       failed=number is not None and number == failed_no)
-        if len(seen) > MAX_OBSERVATIONS:
-            # A step stops at its first unexpected observation, so all but
-            # the last were as expected: show the last one only.
-            earlier = len(seen) - 1
-            more = f"({earlier} earlier access{'es' if earlier > 1 else ''} as expected; then) "
-            seen = [{**seen[-1], "observer": more + seen[-1]["observer"]}]
         if seen:
-            row.observer = "; ".join(o["observer"] for o in seen)
-            row.expected = "; ".join(o["expected"] for o in seen)
-            row.observed = "; ".join(o["observed"] for o in seen)
+            # A step stops at its first unexpected observation, so all but the
+            # last were as expected: one row, the last, after a count of them.
+            o, earlier = seen[-1], len(seen) - 1
+            fold = (f"({earlier} earlier access{'es' if earlier > 1 else ''} as expected; "
+                    "then) " if earlier else "")
+            row.observer, row.expected, row.observed = (fold + o["observer"], o["expected"],
+                                                        o["observed"])
         rows.append(row)
     config = layout = None
     if doc.get("config") is not None:
         config = repr(replay.decode(doc["config"]))
     if doc.get("layout") is not None:
         try:
-            layout = describe_layout(replay.decode(doc["layout"]))
+            layout = replay.decode(doc["layout"]).describe()
         except Exception:  # noqa: BLE001
             layout = repr(doc["layout"])
     state = doc.get("state") or {}
@@ -425,11 +420,6 @@ def from_doc(doc: dict, *, replay_path: str | None = None,
         leaves=list(state.get("leaves", ())), counters=dict(doc.get("counters") or {}),
         settings=doc.get("settings"), replay_path=replay_path, report_path=report_path,
         caches=list(state.get("caches", ())), deleted_steps=doc.get("deleted_steps", 0))
-
-
-def describe_layout(layout) -> str:
-    """The layout line (:meth:`strategies.layouts.Layout.describe`)."""
-    return layout.describe()
 
 
 def _settings_line(settings: dict | None) -> str | None:

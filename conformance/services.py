@@ -230,11 +230,12 @@ class Services:
     def release_page(self, pfn: int) -> None:
         """``kvm_release_pfn_clean`` / ``kvm_release_faultin_page``."""
         self._enter("release_page")
-        if self._p.host.gup_refs.get(pfn, 0) <= 0:
+        try:
+            self._p.host.put_page(pfn)
+        except ValueError:
             self._p.fail("host-page-refs", f"release_page() of host page PA {pfn << 12:#x}, "
                          "which holds no GUP reference: the candidate drops a reference "
                          "gup() never gave it (reference §3.2 step 20, §9.5 N6)")
-        self._p.host.put_page(pfn)
 
     def host_mapping_size(self, hva: int) -> int:
         """``get_user_mapping_size``: 2 MiB for a THP-mapped hva, else 4 KiB."""

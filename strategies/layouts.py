@@ -19,14 +19,16 @@ MIB2 = 2 << 20
 #: ``boot`` plays through the candidate to get there.
 STARTS = ("cold", "running", "migrating", "migrated")
 START_STEPS = {
-    "cold": "",
-    "running": "vCPU0 read 8 pages of every 2 MiB window of slot 0 (logging off), "
-               "then logging on where the layout has it",
-    "migrating": "vCPU0 read 8 pages of every 2 MiB window of slot 0 (logging off), "
-                 "slot 0 logging on, vCPU0 wrote the same pages",
-    "migrated": "vCPU0 read 8 pages of every 2 MiB window of slot 0 (logging off), "
-                "slot 0 logging on, vCPU0 wrote the same pages, slot 0 logging off",
+    "cold": (),
+    "running": ("vCPU0 read 8 pages of every 2 MiB window of slot 0 (logging off)",
+                "then logging on where the layout has it"),
+    "migrating": ("vCPU0 read 8 pages of every 2 MiB window of slot 0 (logging off)",
+                  "slot 0 logging on", "vCPU0 wrote the same pages"),
+    "migrated": ("vCPU0 read 8 pages of every 2 MiB window of slot 0 (logging off)",
+                 "slot 0 logging on", "vCPU0 wrote the same pages", "slot 0 logging off"),
 }
+#: What a ``caches_on`` warm start adds after its first reads.
+CACHES_ON_STEP = "every vCPU turned its MMU and caches on"
 
 
 @attrs.frozen
@@ -50,10 +52,10 @@ class Layout:
     ``migrated``   as ``migrating``, then logging was turned off again: 4 KiB
                    tables are left where blocks may come back (§4.6).
 
-    In a warm start with ``caches_on`` (three in four), every vCPU turned its MMU and caches on
-    (SCTLR_EL1.{M,C}, trapped by TVM: KVM flushes the VM and stops trapping,
-    reference §6.3) right after the first reads, as a guest kernel does once
-    its boot code has run with the MMU off. Without it the guest stays in its
+    In a warm start with ``caches_on`` (three in four), every vCPU turned its
+    MMU and caches on (SCTLR_EL1.{M,C}, trapped by TVM: KVM flushes the VM and
+    stops trapping, reference §6.3) right after the first reads, as a guest
+    kernel does once its boot code has run with the MMU off. Without it the guest stays in its
     MMU-off boot phase, which is where the cache bugs of §6.1 show.
 
     ``memslots`` are the slots as they are when the program starts."""
@@ -67,11 +69,10 @@ class Layout:
         """What boot played to reach ``start`` ('' for a cold start)."""
         if self.start == "cold":
             return ""
-        steps = START_STEPS[self.start]
+        steps = list(START_STEPS[self.start])
         if self.caches_on:
-            first, sep, rest = steps.partition(" (logging off)")
-            steps = f"{first}{sep}, every vCPU turned its MMU and caches on{rest}"
-        return f"starts {self.start}: {steps}"
+            steps.insert(1, CACHES_ON_STEP)
+        return f"starts {self.start}: {', '.join(steps)}"
 
     def describe(self) -> str:
         """Memslots (with their RO and dirty-logging flags), VMAs, in hex, and

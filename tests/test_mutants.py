@@ -17,9 +17,8 @@ import pytest
 
 from candidates.mutants import MUTANTS
 from candidates.mutants.classic_mutants import OUT_OF_BUDGET
-from conformance import replay
+from conformance import polish, replay
 from conformance.errors import PropertyViolation
-from conformance.machine import machine_for
 from conformance.protocol import Memslot, VmConfig
 from conformance.runner import run
 from strategies.layouts import Layout, Vma
@@ -159,11 +158,9 @@ def _play(cls: type, calls) -> None:
     """Run one program, given as ``(rule, kwargs)`` calls starting with
     ``boot``, through the real machine (platform, oracle, monitors) against
     ``cls``, without Hypothesis and without writing failure files."""
-    machine = machine_for("scripted", cls)()
-    with replay.not_writing():
-        for rule, kwargs in calls:
-            getattr(machine, rule)(**kwargs)
-        machine.teardown()
+    failure, _machine = polish.play("scripted", cls, calls)
+    if failure is not None:
+        raise failure
 
 
 def _script(name):

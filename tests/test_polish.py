@@ -112,8 +112,7 @@ def test_every_failure_file_holds_a_one_minimal_program(how, tmp_path, monkeypat
         out.assert_outcomes(failed=1)
         out.stdout.fnmatch_lines(["*stage2-conformance report*", "*counterexample (*"])
     doc = json.loads((tmp_path / f"{name}.json").read_text())
-    calls = [(s["rule"], {k: replay.decode(v) for k, v in s["args"].items()})
-             for s in doc["steps"]]
+    calls = replay.decode_steps(doc)
     failure, _ = polish.play(name, cls, calls)
     assert failure is not None and failure.property == "dirty-logging"
     assert polish.delete_steps(name, cls, calls, failure) is None

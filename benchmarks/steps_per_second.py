@@ -14,7 +14,7 @@ from hypothesis import settings
 from hypothesis.stateful import RuleBasedStateMachine, initialize, rule, run_state_machine_as_test
 
 from conformance import profiles
-from conformance.machine import INDEX, VCPU, Stage2Machine, machine_for
+from conformance.machines.sequential import Stage2Machine, machine_for
 from conformance.registry import load
 
 

@@ -8,40 +8,14 @@ from __future__ import annotations
 
 import time
 
-import attrs
 from hypothesis import settings as Settings
 from hypothesis.stateful import run_state_machine_as_test
 
 from conformance.errors import CandidateError, ConformanceFailure
-from conformance.machine import machine_for
-from conformance import polish, profiles
-
-
-@attrs.define
-class RunResult:
-    candidate: str
-    status: str  # "pass", "fail" or "error"
-    seconds: float
-    failure: ConformanceFailure | None = None
-    trace: list[str] = attrs.Factory(list)
-    counters: dict = attrs.Factory(dict)
-    examples: int = 0  # passing programs run (for a failure: until the first)
-    total_steps: int = 0
-    #: event label -> passing programs that produced it (``Stage2Machine.event_programs``)
-    events: dict = attrs.Factory(dict)
-
-    def event_fraction(self, label: str) -> float:
-        """The share of passing programs that produced event ``label``."""
-        return self.events.get(label, 0) / self.examples if self.examples else 0.0
-
-    @property
-    def failed_property(self) -> str | None:
-        return None if self.failure is None else self.failure.property
-
-    @property
-    def steps(self) -> int:
-        """Rule steps in the shrunk counterexample (boot and teardown excluded)."""
-        return sum(1 for t in self.trace if ": boot" not in t and "teardown" not in t)
+from conformance import profiles
+from conformance.failures import polish
+from conformance.machines.result import RunResult
+from conformance.machines.sequential import machine_for
 
 
 def run(name: str, candidate_cls: type, settings: Settings | None = None,

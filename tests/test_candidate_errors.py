@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-import conformance.platform
+import conformance.platform.calls
 from candidates.reference import ReferenceCandidate
 from conformance.protocol import Exit
 from conformance.runner import run
@@ -54,7 +54,7 @@ class BrokenConstructor(ReferenceCandidate):
     (BrokenConstructor, "raised", "ValueError: cannot build"),
 ])
 def test_candidate_error_is_reported_with_step(cls, kind, needle, monkeypatch):
-    monkeypatch.setattr(conformance.platform, "MAX_SERVICE_CALLS", 20_000)
+    monkeypatch.setattr(conformance.platform.calls, "MAX_SERVICE_CALLS", 20_000)
     result = run(cls.__name__, cls, **BUDGET)
     assert result.status == "error"
     failure = result.failure
@@ -65,8 +65,8 @@ def test_candidate_error_is_reported_with_step(cls, kind, needle, monkeypatch):
 
 
 def test_a_hang_is_a_timeout(monkeypatch):
-    monkeypatch.setattr(conformance.platform, "CALL_TIMEOUT", 0.2)
-    monkeypatch.setattr(conformance.platform, "MAX_SERVICE_CALLS", 10**9)
+    monkeypatch.setattr(conformance.platform.calls, "CALL_TIMEOUT", 0.2)
+    monkeypatch.setattr(conformance.platform.calls, "MAX_SERVICE_CALLS", 10**9)
     result = run("NeverReturns", NeverReturns, **{**BUDGET, "max_examples": 5})
     assert result.status == "error"
     assert result.failure.kind == "timeout"

@@ -8,8 +8,7 @@ import pytest
 from candidates.classic import ClassicCandidate
 from candidates.classic import ClassicEagerSplitCandidate as EagerSplitCandidate
 from candidates.eager_unmap import EagerUnmapCandidate
-from conformance.errors import PropertyViolation
-from conformance.platform import Platform
+from conformance.platform.core import Platform
 from conformance.protocol import GuestAbort, Memslot, MemslotChange, VmConfig
 from conformance.runner import run
 from model.memory import PageUse

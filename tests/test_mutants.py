@@ -17,7 +17,7 @@ import pytest
 
 from candidates.mutants import MUTANTS
 from candidates.mutants.classic_mutants import OUT_OF_BUDGET
-from conformance import polish, replay
+from conformance.failures import files, polish
 from conformance.errors import PropertyViolation
 from conformance.protocol import Memslot, VmConfig
 from conformance.runner import run
@@ -83,11 +83,11 @@ def test_mutant_is_caught(name):
     cls = MUTANTS[name]
     failing = []  # every failing program's rule calls; the shrunk one comes last
     listener = lambda machine, failure, path: failing.append(list(machine.calls))  # noqa: E731
-    replay.listeners.append(listener)
+    files.listeners.append(listener)
     try:
         result = run(name, cls, **MUTANT_BUDGET)
     finally:
-        replay.listeners.remove(listener)
+        files.listeners.remove(listener)
     assert result.status == "fail", (
         f"{name} ({cls.bug}) was not caught: {result.status} {result.failure or ''}")
     assert result.failed_property in cls.expected_property, (

@@ -1,4 +1,4 @@
-"""Step deletion after Hypothesis's shrink (conformance/polish.py): redundant
+"""Step deletion after Hypothesis's shrink (conformance/failures/polish.py): redundant
 steps go, the failure stays the same, the result is 1-minimal, and the
 failure files and report say how many steps went."""
 
@@ -9,7 +9,7 @@ import json
 import pytest
 
 from candidates.mutants import MUTANTS
-from conformance import polish, replay, report
+from conformance.failures import document, polish, replay, report
 from conformance.errors import CandidateError, PropertyViolation
 from conformance.protocol import Memslot, VmConfig
 from strategies.layouts import Layout, Vma
@@ -112,7 +112,7 @@ def test_every_failure_file_holds_a_one_minimal_program(how, tmp_path, monkeypat
         out.assert_outcomes(failed=1)
         out.stdout.fnmatch_lines(["*stage2-conformance report*", "*counterexample (*"])
     doc = json.loads((tmp_path / f"{name}.json").read_text())
-    calls = replay.decode_steps(doc)
+    calls = document.decode_steps(doc)
     failure, _ = polish.play(name, cls, calls)
     assert failure is not None and failure.property == "dirty-logging"
     assert polish.delete_steps(name, cls, calls, failure) is None

@@ -19,7 +19,7 @@ from hypothesis.database import DirectoryBasedExampleDatabase
 
 from candidates.mutants import MUTANTS
 from conformance import cli, profiles
-from conformance.cli import timed_run
+from conformance.cli.common import timed_run
 
 if shutil.which("redis-server") is None:
     pytest.skip("redis-server is not installed (apt-get install redis-server; .ci/run "

@@ -8,11 +8,13 @@ import json
 
 import pytest
 
-import conformance.platform
+import conformance.platform.calls
 from candidates.mutants import MUTANTS
 from candidates.reference import ReferenceCandidate
-from conformance import cli, registry, replay as replay_mod
-from conformance.replay import replay
+from conformance import cli, registry
+from conformance.failures import files
+from conformance.failures import replay as replay_mod
+from conformance.failures.replay import replay
 from conformance.runner import run
 
 
@@ -46,10 +48,10 @@ def test_a_replay_writes_no_failure_files(tmp_path):
     run(name, MUTANTS[name], profile="ci", max_examples=100)
     path = tmp_path / f"{name}.json"
     before = path.read_text()
-    mark = replay_mod.current_seq()
+    mark = files.current_seq()
     result, machine, doc = replay_mod.replay_machine(path, MUTANTS[name])
     assert result.status == "fail"
-    assert replay_mod.written_since(mark) == []
+    assert files.written_since(mark) == []
     assert path.read_text() == before
     # the replay's own document carries its observations and table state
     assert doc["observations"] and doc["state"]["tree"]
@@ -98,8 +100,8 @@ def test_candidate_errors_are_written_and_replay_as_candidate_errors(cls, kind, 
 
 
 def test_a_timeout_replays_as_a_timeout(tmp_path, monkeypatch):
-    monkeypatch.setattr(conformance.platform, "CALL_TIMEOUT", 0.2)
-    monkeypatch.setattr(conformance.platform, "MAX_SERVICE_CALLS", 10**9)
+    monkeypatch.setattr(conformance.platform.calls, "CALL_TIMEOUT", 0.2)
+    monkeypatch.setattr(conformance.platform.calls, "MAX_SERVICE_CALLS", 10**9)
     found = run("NeverReturns", NeverReturns, profile="ci", max_examples=5)
     assert found.status == "error" and found.failure.kind == "timeout"
     again = replay(tmp_path / "NeverReturns.json", NeverReturns)

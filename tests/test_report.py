@@ -10,7 +10,7 @@ import json
 import pytest
 
 from candidates.mutants import MUTANTS
-from conformance import replay, report
+from conformance.failures import document, files, report, state
 from conformance.runner import run
 
 NAME = "mutant-no-cmo-on-map"
@@ -31,7 +31,7 @@ def found(tmp_path_factory):
 
 def test_document_records_settings_config_observations_and_state(found):
     result, _path, doc = found
-    assert doc["format"] == replay.FORMAT
+    assert doc["format"] == document.FORMAT
     assert doc["settings"]["max_examples"] == 100
     assert doc["settings"]["derandomize"] is True
     assert "shrink" in doc["settings"]["phases"]
@@ -85,7 +85,7 @@ def test_markdown_report_is_written_next_to_the_replay(found):
     assert "## TLBs at the failing step" in md
     assert "## Cost counters" in md
     assert "## Hypothesis settings" in md
-    assert f"stage2-conformance replay {replay._display(path)}" in md
+    assert f"stage2-conformance replay {files.display(path)}" in md
 
 
 def test_plain_text_and_rich(found):
@@ -110,7 +110,7 @@ def test_plain_text_and_rich(found):
 
 def test_last_report_is_kept_for_the_written_file(found):
     _result, path, _doc = found
-    rep = replay.last_report(path)
+    rep = files.last_report(path)
     assert rep is not None and rep.candidate == NAME
     assert rep.report_path.endswith(".md")
 
@@ -128,7 +128,7 @@ def test_involved_ipas_from_the_message():
 
     msg = ("lost dirty gfn(s) 0x40001, 0x40002 ... IPA 0x40003000 ... "
            "VMM read of hva 0x7f0000004000")
-    assert report.involved_ipas(M(), msg, None, []) == [
+    assert state.involved_ipas(M(), msg, None, []) == [
         0x40003000, 0x40001000, 0x40002000, 0x40004000]
 
 

@@ -11,9 +11,9 @@ import pytest
 
 from candidates.classic import ClassicCandidate
 from candidates.mutants import MUTANTS
-from conformance import replay
+from conformance.failures import files
 from conformance.errors import PropertyViolation
-from conformance.machine import machine_for
+from conformance.machines.sequential import machine_for
 from conformance.protocol import SCTLR_C, SCTLR_M, Memslot, VmConfig
 from strategies.layouts import Layout, Vma
 
@@ -30,7 +30,7 @@ def _layout(start, *, caches_on=False, logging=False):
 
 def _boot(layout, cls=ClassicCandidate, config=CONFIG):
     machine = machine_for("starts", cls)()
-    with replay.not_writing():
+    with files.not_writing():
         machine.boot(config=config, layout=layout)
     return machine
 
@@ -110,7 +110,7 @@ def test_one_set_way_op_catches_set_way_ignored_only_with_caches_on(caches_on):
     # yet; once the guest runs with caches on, the first set/way op must flush.
     cls = MUTANTS["mutant-set-way-ignored"]
     machine = _boot(_layout("running", caches_on=caches_on), cls)
-    with replay.not_writing():
+    with files.not_writing():
         if caches_on:
             with pytest.raises(PropertyViolation, match="first set/way operation"):
                 machine.guest_set_way(vcpu=0)

@@ -8,8 +8,8 @@ The functions below test that module itself.
 
 from hypothesis import is_hypothesis_test, settings
 
-from conformance import suite as _suite
-from conformance.suite import *  # noqa: F401,F403 — pytest collects the classes
+from conformance.pytest_plugin import suite as _suite
+from conformance.pytest_plugin.suite import *  # noqa: F401,F403 — pytest collects the classes
 
 
 def test_bundled_selection_is_every_correct_candidate():

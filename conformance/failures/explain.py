@@ -204,7 +204,7 @@ def monitor_families(doc: str | None = None) -> dict[str, str]:
     (an RST simple table: a row starts with ````name````, continuation lines
     are indented)."""
     if doc is None:
-        from conformance import monitors
+        from conformance.platform import monitors
 
         doc = monitors.__doc__ or ""
     rows: dict[str, list[str]] = {}

@@ -11,99 +11,26 @@ rules too, so they shrink like everything else.
 from __future__ import annotations
 
 import collections
-import functools
 
 import attrs
-
-from hypothesis import event as _event
-from hypothesis import note as _note
-from hypothesis.control import currently_in_test_context
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, precondition, rule
 
 from conformance import profiles  # noqa: F401 - pins generation constants (seed = programs)
-from conformance.errors import CandidateError, ConformanceFailure, PropertyViolation
-from conformance.platform import Platform
-from conformance.replay import write_failure
-from conformance.protocol import SCTLR_C, SCTLR_M, MemslotChange, Memslot
+from conformance.errors import ConformanceFailure, PropertyViolation
+from conformance.machines.boot import Boot
+from conformance.machines.steps import (
+    AGING, CACHE_CONTROL, HOST_OPS, INDEX, MEMSLOT_OPS, PAGES, SCTLR_FOR, SLOT0_MOSTLY,
+    VCPU, _spread, checked, event, publish_failure)
+from conformance.platform.core import Platform
+from conformance.protocol import Memslot, MemslotChange
 from model.cache import GARBAGE
 from model.host import PAGE, THP_SIZE
 from model.oracle import Oracle
-from strategies.layouts import configs, interesting_gfns, layouts
-
-INDEX = st.integers(0, 63)  # index into a small pool; shrinks towards the simplest
-VCPU = st.integers(0, 3)
-#: Index into the sorted memslot ids, three times in four the first (slot 0).
-SLOT0_MOSTLY = st.sampled_from((0, 0, 1, 0))
-#: Memslot changes. A deleted slot makes the rest of a program MMIO exits, so
-#: ``recreate`` comes twice as often (a no-op when no slot is deleted); dirty
-#: logging on/off are here too (as well as in their own rule), because swarm
-#: testing switches whole rules off and logging changes drive split and collapse.
-MEMSLOT_OPS = st.sampled_from(("logging off", "move", "recreate", "delete",
-                               "recreate", "logging on"))
-#: The guest's SCTLR_EL1 writes: ``caches on`` is M and C, ``caches off``
-#: neither; whole on/off transitions are what guests do and what KVM's
-#: TVM/toggle logic is about, so they come twice as often as M or C alone.
-CACHE_CONTROL = st.sampled_from(("caches on", "caches off", "caches on", "caches off",
-                                 "MMU only", "D-cache only"))
-PTRS_PER_TABLE = 512  # 4 KiB pages in a 2 MiB block
-#: Pages a guest read or write touches (shrinks to 1).
-PAGES = st.sampled_from((1, 8, 64))
-SCTLR_FOR = {"caches on": SCTLR_M | SCTLR_C, "caches off": 0, "MMU only": SCTLR_M,
-             "D-cache only": SCTLR_C}
-HOST_OPS = ["mprotect_ro", "mprotect_rw", "migrate", "madvise_dontneed", "munmap",
-            "mmap_again", "ksm_merge", "thp_split", "thp_collapse"]
-AGING = ["clear_flush_young", "clear_young", "test_young"]
-#: The step label of ``boot`` (always step 1).
-BOOT_LABEL = "boot (the VM and layout above)"
+from strategies.layouts import configs, layouts
 
 
-def event(label: str) -> None:
-    if currently_in_test_context():  # replays run outside Hypothesis
-        _event(label)
-
-
-def note(text: str) -> None:
-    if currently_in_test_context():
-        _note(text)
-
-
-def checked(fn):
-    """Run a rule with its step label set; remember failures so teardown does
-    not pile a second report on the first."""
-    @functools.wraps(fn)
-    def wrapper(self, **kwargs):
-        self.steps += 1
-        args = ", ".join(f"{k}={v!r}" for k, v in kwargs.items())
-        # boot's arguments are the config and layout lines of every report;
-        # repeating their reprs in the label would bury the failing step.
-        label = (f"{self.steps}: {BOOT_LABEL}" if fn.__name__ == "boot"
-                 else f"{self.steps}: {fn.__name__}({args})")
-        self.trace.append(label)
-        self.calls.append((fn.__name__, dict(kwargs)))
-        if self.platform is not None:
-            self.platform.step = label
-        try:
-            result = fn(self, **kwargs)
-            if self.platform is not None and self.platform.events:
-                for label in sorted(self.platform.events):
-                    self._event(label)
-                self.platform.events.clear()
-            return result
-        except ConformanceFailure as exc:
-            # The platform's label is the rule's, or boot's with its phase.
-            exc.step = exc.step or (self.platform and self.platform.step) or label
-            self.failed = True
-            type(self).last_failure = (exc, list(self.trace), self)
-            write_failure(self, exc)
-            raise
-        except BaseException:
-            self.failed = True
-            raise
-    return wrapper
-
-
-class Stage2Machine(RuleBasedStateMachine):
+class Stage2Machine(Boot, RuleBasedStateMachine):
     """Subclassed per candidate by :func:`machine_for`."""
 
     candidate_cls: type = None  # type: ignore[assignment]
@@ -133,78 +60,6 @@ class Stage2Machine(RuleBasedStateMachine):
         #: the report's expected-vs-observed column (see record_observation).
         self.observations: list[tuple] = []
 
-    # ------------------------------------------------------------- set-up
-    def _boot(self, config, layout):
-        note(f"config: {config}")
-        note(f"layout: {layout.describe()}")
-        self.layout = layout
-        # The pool is kept per memslot (slot id, page offset) so that it follows
-        # a moved slot; a gfn outside every slot stays an absolute MMIO probe.
-        self.gfns = [_slot_relative(layout.memslots, g) for g in interesting_gfns(layout)]
-        self.deleted: dict[int, Memslot] = {}
-        self.platform = p = Platform(config)
-        self.oracle = Oracle(config)
-        self.slots = {s.id: s for s in layout.memslots}
-        for v in layout.vmas:
-            p.host_mmap(v.start, v.end, v.thp)
-            self.oracle.mmap(v.start, v.end)
-        self._boot_phase("constructing the candidate and its vCPUs")
-        p.candidate = p.construct(self.candidate_cls)
-        for vcpu in range(config.nr_vcpus):
-            p.vcpu_init(vcpu)
-        self._boot_phase("creating the memslots")
-        for slot in layout.memslots:
-            first = slot if layout.start == "cold" else attrs.evolve(slot, log_dirty_pages=False)
-            p.set_memslot(None, first, MemslotChange.CREATE)
-            self.oracle.set_memslot(None, first)
-            self.slots[slot.id] = first
-        if layout.start != "cold":
-            self._warm_up(layout)
-        slot0, vma0 = layout.memslots[0], layout.vmas[0]
-        congruent = (slot0.userspace_addr - (slot0.base_gfn << 12)) % THP_SIZE == 0
-        self._event("layout: slot 0 " + ("THP-backed" if vma0.thp else "not THP-backed")
-                    + (", gfn/hva congruent" if congruent else ", gfn/hva misaligned"))
-
-    def _warm_up(self, layout):
-        """Bring the VM to ``layout.start`` (see :class:`strategies.layouts.Layout`)."""
-        sid = layout.memslots[0].id
-
-        def set_logging(on):
-            cur = self.slots[sid]
-            self._change(cur, attrs.evolve(cur, log_dirty_pages=on), MemslotChange.FLAGS_ONLY)
-
-        self._boot_phase(f"vCPU0 reading 8 pages of every 2 MiB window of slot {sid}")
-        self._touch_windows(self.slots[sid], "read")
-        if layout.caches_on:
-            self._boot_phase("every vCPU turning its MMU and caches on")
-            for vcpu in range(self.platform.config.nr_vcpus):
-                self._write_sctlr(vcpu, SCTLR_FOR["caches on"])
-        if layout.start in ("migrating", "migrated"):
-            self._boot_phase(f"slot {sid} logging on")
-            set_logging(True)
-            self._boot_phase(f"vCPU0 writing the same pages of slot {sid}")
-            self._touch_windows(self.slots[sid], "write")
-            if layout.start == "migrated":
-                self._boot_phase(f"slot {sid} logging off")
-                set_logging(False)
-        self._boot_phase("setting the memslot flags the layout has")
-        for slot in layout.memslots:
-            if self.slots[slot.id] != slot:
-                self._change(self.slots[slot.id], slot, MemslotChange.FLAGS_ONLY)
-
-    def _boot_phase(self, what: str) -> None:
-        """Name the part of boot now running in the step label, so that a
-        failure inside a warm start says where (``1: boot (...): what``)."""
-        self.platform.step = f"{self.trace[-1]}: {what}"
-
-    def _touch_windows(self, slot, kind):
-        """vCPU0 accesses 8 pages spread over every 2 MiB window of ``slot``."""
-        window = slot.base_gfn & ~(PTRS_PER_TABLE - 1)
-        for base in range(window, slot.end_gfn, PTRS_PER_TABLE):
-            for gfn in _spread(base, 8):
-                if slot.contains_gfn(gfn):
-                    self._guest_access_gfn(0, gfn, kind)
-
     @property
     def live(self) -> bool:
         return self.platform is not None and not self.platform.released
@@ -213,26 +68,6 @@ class Stage2Machine(RuleBasedStateMachine):
         """A Hypothesis ``event()`` (statistics), also counted per program."""
         self.events.add(label)
         event(label)
-
-    def _vcpu(self, vcpu: int) -> int:
-        return vcpu % self.platform.config.nr_vcpus
-
-    def _gfn(self, where: int) -> int:
-        slot_id, gfn = self.gfns[where % len(self.gfns)]
-        if slot_id is None:
-            return gfn
-        slot = self.slots.get(slot_id) or self.deleted[slot_id]
-        return slot.base_gfn + gfn
-
-    def _hva(self, where: int) -> int | None:
-        gfn = self._gfn(where)
-        slot = self.platform.slot_for_gfn(gfn)
-        return None if slot is None else slot.gfn_to_hva(gfn)
-
-    def _value(self, origin: str) -> int:
-        self.next_value += 1
-        self.origin[self.next_value] = f"{origin} in step {self.steps}"
-        return self.next_value
 
     def _explain(self, outcome) -> str:
         if outcome.exit is not None:
@@ -418,19 +253,6 @@ class Stage2Machine(RuleBasedStateMachine):
         self._event("host: ksm_merge")
 
     # ------------------------------------------------------------ memslots
-    def _slot(self, which: int) -> Memslot:
-        ids = sorted(self.slots)
-        return self.slots[ids[which % len(ids)]]
-
-    def _change(self, old, new, change):
-        self.platform.set_memslot(old, new, change)
-        self.oracle.set_memslot(old, new)
-        if new is None:
-            self.deleted[old.id] = old
-            del self.slots[old.id]
-        else:
-            self.slots[new.id] = new
-
     # Set, not toggle: a step that sets logging means the same thing whatever
     # the shrinker deletes before it, so programs shrink further.
     @precondition(lambda self: self.live)
@@ -535,8 +357,7 @@ class Stage2Machine(RuleBasedStateMachine):
             self.platform.exit_mmap()
             self.platform.destroy()
         except ConformanceFailure as exc:
-            type(self).last_failure = (exc, list(self.trace), self)
-            write_failure(self, exc)
+            publish_failure(self, exc)
             raise
         totals = type(self).totals
         totals.update(self.platform.counters)
@@ -563,20 +384,3 @@ def machine_for(name: str, candidate_cls: type,
                  "__module__": __name__,
                  "totals": collections.Counter(),
                  "event_programs": collections.Counter()})
-
-
-def _spread(gfn: int, pages: int) -> list[int]:
-    """``pages`` gfns evenly spaced over the 2 MiB window of ``gfn``, ``gfn``
-    among them (just ``[gfn]`` for one page)."""
-    if pages == 1:
-        return [gfn]
-    stride = PTRS_PER_TABLE // pages
-    first = (gfn & ~(PTRS_PER_TABLE - 1)) + gfn % stride
-    return [first + i * stride for i in range(pages)]
-
-
-def _slot_relative(memslots, gfn: int) -> tuple[int | None, int]:
-    for slot in memslots:
-        if slot.contains_gfn(gfn):
-            return slot.id, gfn - slot.base_gfn
-    return None, gfn

@@ -23,8 +23,9 @@ from __future__ import annotations
 
 import attrs
 
-from conformance import replay
 from conformance.errors import ConformanceFailure
+from conformance.failures import files
+from conformance.machines.sequential import machine_for
 
 #: Replays the pass may spend; a shrunk program is short, so this is rarely hit.
 MAX_ATTEMPTS = 60
@@ -50,10 +51,8 @@ def play(name: str, cls: type, calls) -> tuple[ConformanceFailure | None, object
     """Run ``calls`` (boot first) and teardown against ``cls`` without
     Hypothesis and without writing files; the failure (or ``None``) and the
     machine."""
-    from conformance.machine import machine_for
-
     machine = machine_for(name, cls)()
-    with replay.not_writing():
+    with files.not_writing():
         try:
             for rule, kwargs in calls:
                 getattr(machine, rule)(**kwargs)
@@ -102,7 +101,7 @@ def after_failure(name: str, cls: type, found):
         return found
     if polished is None:
         return found
-    replay.write_failure(polished.machine, polished.failure,
+    files.write_failure(polished.machine, polished.failure,
                          settings=getattr(machine, "run_settings", None),
                          deleted_steps=polished.deleted)
     return polished.failure, list(polished.machine.trace), polished.machine

@@ -17,25 +17,26 @@ What it does:
 
 How the conformance machines are collected (the one mechanism):
 
-* The machines live in :mod:`conformance.suite`, which builds one unittest
+* The machines live in :mod:`conformance.pytest_plugin.suite`, which builds one unittest
   ``TestConformance_<name>`` class per selected candidate when it is imported.
 * **With** ``--candidate``: ``pytest_configure`` replaces ``config.args`` with
-  the path of ``conformance/suite.py`` inside the installed package, so the
+  the path of ``conformance/pytest_plugin/suite.py`` inside the installed package, so the
   session collects exactly those machines and nothing else, from any working
   directory (a user's own repository, where our ``tests/`` does not exist).
   A path given on the command line is collected whatever ``python_files``
   says, and unittest classes are collected whatever ``python_classes`` says.
   Other positional arguments are ignored; ``-k``, ``-x``, ``-n`` … still work.
   xdist workers re-parse the same command line, so they select and collect the
-  same items. Test ids are ``conformance/suite.py::TestConformance_<name>::runTest``
+  same items. Test ids are
+  ``conformance/pytest_plugin/suite.py::TestConformance_<name>::runTest``
   wherever pytest runs (see :func:`pytest_pycollect_makemodule`).
 * **Without** ``--candidate``: nothing is redirected. The repository's
-  ``tests/test_suite.py`` re-exports the classes of :mod:`conformance.suite`,
+  ``tests/test_suite.py`` re-exports the classes of the suite module,
   which then selects every registered candidate that is not a known-bug
   mutant (the mutants have their own test module).
 
-The selection is handed to :mod:`conformance.suite` through
-:func:`selected_candidates`.
+The selection is handed to the suite module through
+:mod:`conformance.pytest_plugin.selection`.
 
 Failures:
 
@@ -67,18 +68,15 @@ import pytest
 
 from conformance import profiles  # noqa: F401 — registers dev / ci / thorough
 from conformance import registry
+from conformance.pytest_plugin import selection
 
 #: The pytest module holding the conformance machines.
 SUITE = Path(__file__).resolve().with_name("suite.py")
-
-_selected: list[str] | None = None
-
-
-def selected_candidates() -> list[str] | None:
-    """The candidate names given with ``--candidate`` in the running pytest
-    session (validated, duplicates removed), or ``None`` when none were given
-    (or outside pytest)."""
-    return None if _selected is None else list(_selected)
+#: Its module name, and the test-id path it gets outside the rootdir.
+SUITE_MODULE = "conformance.pytest_plugin.suite"
+SUITE_NODEID = "conformance/pytest_plugin/suite.py"
+#: The repository root of a source checkout (where ``tests/`` lives).
+REPOSITORY = SUITE.parents[2]
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
@@ -100,7 +98,7 @@ def _runs_the_suite(config: pytest.Config) -> bool:
     """``--candidate`` given, or pytest running in this repository."""
     if config.getoption("stage2_candidates", None):
         return True
-    return Path(config.rootpath).resolve() == SUITE.parent.parent
+    return Path(config.rootpath).resolve() == REPOSITORY
 
 
 def _load_default_profile(config: pytest.Config) -> None:
@@ -113,44 +111,43 @@ def _load_default_profile(config: pytest.Config) -> None:
 
 
 def pytest_configure(config: pytest.Config) -> None:
-    global _selected
     _load_default_profile(config)
 
     names = config.getoption("stage2_candidates", None)
-    _selected = None
+    selection.select(None)
     if names:
         for name in names:
             try:
                 registry.load(name)
             except (registry.UnknownCandidate, registry.CandidateImportError) as exc:
                 raise pytest.UsageError(str(exc)) from None
-        _selected = list(dict.fromkeys(names))
+        selection.select(names)
         config.args = [str(SUITE)]
         config.args_source = pytest.Config.ArgsSource.ARGS
-    built = sys.modules.get("conformance.suite")
-    if built is not None and getattr(built, "BUILT_FOR", None) != _selected:
+    built = sys.modules.get(SUITE_MODULE)
+    if built is not None and getattr(built, "BUILT_FOR", None) != selection.selected_candidates():
         # A second in-process session (pytester, IDEs) with another selection
         # must rebuild the module rather than reuse the cached one.
-        sys.modules.pop("conformance.suite", None)
+        sys.modules.pop(SUITE_MODULE, None)
 
 
 @pytest.hookimpl(tryfirst=True)
 def pytest_pycollect_makemodule(module_path: Path, parent: pytest.Collector):
-    """Give ``suite.py`` the node id ``conformance/suite.py`` when it lies
+    """Give ``suite.py`` the node id ``conformance/pytest_plugin/suite.py`` when it lies
     outside the rootdir (an installed package under a user's repository);
     pytest would otherwise give an initial-path file an empty module part
     (``::TestConformance_x::runTest``)."""
-    if _selected is None or Path(module_path).resolve() != SUITE:
+    if selection.selected_candidates() is None or Path(module_path).resolve() != SUITE:
         return None
     if Path(module_path).resolve().is_relative_to(parent.config.rootpath.resolve()):
         return None
     return pytest.Module.from_parent(parent, path=Path(module_path),
-                                     nodeid="conformance/suite.py")
+                                     nodeid=SUITE_NODEID)
 
 
 def pytest_unconfigure(config: pytest.Config) -> None:
-    global _selected, _shared_note
-    _selected = None
+    global _shared_note
+    selection.select(None)
     _shared_note = None
 
 
@@ -185,9 +182,9 @@ _MARK = pytest.StashKey[int]()
 
 @pytest.hookimpl(hookwrapper=True)
 def pytest_runtest_protocol(item: pytest.Item, nextitem):
-    from conformance import replay
+    from conformance.failures import files
 
-    item.stash[_MARK] = replay.current_seq()
+    item.stash[_MARK] = files.current_seq()
     yield
 
 
@@ -197,16 +194,16 @@ def pytest_runtest_makereport(item: pytest.Item, call):
     rep = outcome.get_result()
     if not rep.failed or _MARK not in item.stash:
         return
-    from conformance import replay, report
+    from conformance.failures import files, report
 
-    files = replay.written_since(item.stash[_MARK])
-    if not files:
+    written = files.written_since(item.stash[_MARK])
+    if not written:
         return
-    item.stash[_MARK] = replay.current_seq()  # each file once per test
-    for json_path, md_path in files:
+    item.stash[_MARK] = files.current_seq()  # each file once per test
+    for json_path, md_path in written:
         rep.user_properties.append(("stage2_report", md_path))
         rep.user_properties.append(("stage2_replay", json_path))
-        found = replay.last_report(json_path)
+        found = files.last_report(json_path)
         if found is not None:
             rep.sections.append(("stage2-conformance report", report.text(found)))
 
@@ -224,7 +221,7 @@ def failure_files(reports) -> list[tuple[str, str, str]]:
 
 
 def pytest_terminal_summary(terminalreporter, exitstatus, config) -> None:
-    from conformance import replay
+    from conformance.failures import files
 
     reports = list(terminalreporter.stats.get("failed", ())) + \
         list(terminalreporter.stats.get("error", ()))
@@ -235,8 +232,8 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config) -> None:
     tr.section("stage2-conformance failure files", sep="=", bold=True)
     for nodeid, md, js in rows:
         tr.write_line(nodeid)
-        tr.write_line(f"  report: {replay._display(Path(md))}")
-        tr.write_line(f"  replay: stage2-conformance replay {replay._display(Path(js))}")
+        tr.write_line(f"  report: {files.display(Path(md))}")
+        tr.write_line(f"  replay: stage2-conformance replay {files.display(Path(js))}")
 
 
 def pytest_report_header(config: pytest.Config) -> list[str]:
@@ -244,10 +241,10 @@ def pytest_report_header(config: pytest.Config) -> list[str]:
         return [_shared_note] if _shared_note else []
     from hypothesis import settings
 
-    from conformance import suite
+    from conformance.pytest_plugin import suite
 
     names = ", ".join(suite.SELECTED) or "(none)"
-    how = "--candidate" if _selected is not None else "bundled correct candidates"
+    how = "--candidate" if selection.selected_candidates() is not None else "bundled correct candidates"
     lines = [f"stage2-conformance: candidates under test ({how}): {names}; "
              f"hypothesis profile {settings.get_current_profile_name()!r}"]
     if _shared_note:

@@ -1,17 +1,17 @@
 """The conformance machines as pytest tests (collected through
-:mod:`conformance.plugin`; see its docstring for how).
+:mod:`conformance.pytest_plugin.plugin`; see its docstring for how).
 
 When imported, this module defines one unittest class
 ``TestConformance_<safe name>`` per selected candidate (``safe name``: the
 candidate name with every non-alphanumeric character replaced by ``_``), so
-test ids are stable, e.g. ``conformance/suite.py::TestConformance_reference::runTest``.
+test ids are stable, e.g. ``conformance/pytest_plugin/suite.py::TestConformance_reference::runTest``.
 
 Selection: the names given with ``pytest --candidate`` if any; otherwise every
 registered candidate that is not a known-bug mutant (``known_bug = False``).
 A registered candidate that fails to import becomes a test that fails with the
 one-line import error, so one broken plug-in does not hide the others.
 
-Each test runs the sequential machine (:func:`conformance.machine.machine_for`)
+Each test runs the sequential machine (:func:`conformance.machines.sequential.machine_for`)
 under the Hypothesis profile that is loaded *when the test runs*
 (``--hypothesis-profile``, the ``ci`` auto-detection, or ``dev``), with
 ``deadline=None`` forced because a deadline would apply to a whole program.
@@ -23,14 +23,16 @@ import unittest
 
 from hypothesis import settings as Settings
 
-from conformance import plugin, polish, registry
+from conformance import registry
 from conformance.errors import ConformanceFailure
-from conformance.machine import machine_for
+from conformance.failures import polish
+from conformance.machines.sequential import machine_for
+from conformance.pytest_plugin.selection import selected_candidates
 
 #: The candidate names this module was built for, in order.
 SELECTED: list[str] = []
-#: ``plugin.selected_candidates()`` when it was built (None: the default set).
-BUILT_FOR: list[str] | None = plugin.selected_candidates()
+#: ``selected_candidates()`` when it was built (None: the default set).
+BUILT_FOR: list[str] | None = selected_candidates()
 
 __all__: list[str] = []
 
@@ -51,7 +53,7 @@ def safe_name(name: str) -> str:
 def selection() -> list[tuple[str, type | Exception]]:
     """``(name, class)`` for every selected candidate, or ``(name, error)`` for
     one that failed to import."""
-    explicit = plugin.selected_candidates()
+    explicit = selected_candidates()
     chosen: list[tuple[str, type | Exception]] = []
     if explicit is not None:
         for name in explicit:

@@ -10,13 +10,6 @@ from candidates.reference import ReferenceCandidate
 from conformance import cli, registry
 
 
-@pytest.fixture(autouse=True)
-def failures_dir(tmp_path, monkeypatch):
-    """Failure files go to a temporary directory, not the working tree."""
-    monkeypatch.setenv("STAGE2_FAILURES_DIR", str(tmp_path))
-    return tmp_path
-
-
 def test_list_shows_reference_and_its_capabilities(capsys):
     assert cli.main(["list"]) == 0
     out = capsys.readouterr().out

@@ -17,7 +17,7 @@ import pytest
 
 from candidates.mutants import MUTANTS
 from candidates.mutants.classic_mutants import OUT_OF_BUDGET
-from conformance.failures import files, polish
+from conformance.failures import files
 from conformance.errors import PropertyViolation
 from conformance.protocol import Memslot, VmConfig
 from conformance.runner import run
@@ -79,7 +79,7 @@ def _unmutated(cls: type) -> type:
 
 
 @pytest.mark.parametrize("name", sorted(MUTANTS))
-def test_mutant_is_caught(name):
+def test_mutant_is_caught(name, play):
     cls = MUTANTS[name]
     failing = []  # every failing program's rule calls; the shrunk one comes last
     listener = lambda machine, failure, path: failing.append(list(machine.calls))  # noqa: E731
@@ -99,7 +99,9 @@ def test_mutant_is_caught(name):
             assert result.failed_property == family, result.failure
     assert result.steps <= MAX_SHRUNK_STEPS, "\n".join(result.trace)
     # The catch is the mutation's: the unmutated candidate passes the same program.
-    _play(_unmutated(cls), failing[-1])
+    (_boot, boot_args), *steps = failing[-1]
+    passed, _ = play(_unmutated(cls), boot_args["config"], boot_args["layout"], *steps)
+    assert passed is None, str(passed)
 
 
 @pytest.mark.parametrize("name", sorted(MUTANTS) + sorted(OUT_OF_BUDGET))
@@ -154,29 +156,17 @@ SCRIPTS = {
 }
 
 
-def _play(cls: type, calls) -> None:
-    """Run one program, given as ``(rule, kwargs)`` calls starting with
-    ``boot``, through the real machine (platform, oracle, monitors) against
-    ``cls``, without Hypothesis and without writing failure files."""
-    failure, _machine = polish.play("scripted", cls, calls)
-    if failure is not None:
-        raise failure
-
-
-def _script(name):
-    config, layout, steps = SCRIPTS[name]
-    return [("boot", dict(config=config, layout=layout)), *steps]
-
-
 def test_every_out_of_budget_mutant_has_a_script():
     assert set(SCRIPTS) == set(OUT_OF_BUDGET)
     assert not set(OUT_OF_BUDGET) & set(MUTANTS)
 
 
 @pytest.mark.parametrize("name", sorted(SCRIPTS))
-def test_out_of_budget_mutant_fails_its_scripted_counterexample(name):
+def test_out_of_budget_mutant_fails_its_scripted_counterexample(name, play):
     cls = OUT_OF_BUDGET[name]
-    _play(_unmutated(cls), _script(name))  # the unmutated candidate passes it
-    with pytest.raises(PropertyViolation) as info:
-        _play(cls, _script(name))
-    assert info.value.property in cls.expected_property, str(info.value)
+    config, layout, steps = SCRIPTS[name]
+    passed, _ = play(_unmutated(cls), config, layout, *steps)
+    assert passed is None, str(passed)  # the unmutated candidate passes it
+    failure, _ = play(cls, config, layout, *steps)
+    assert isinstance(failure, PropertyViolation), failure
+    assert failure.property in cls.expected_property, str(failure)

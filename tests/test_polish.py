@@ -65,7 +65,6 @@ def test_deletion_stops_at_the_attempt_budget():
 
 
 def test_after_failure_rewrites_the_files_for_the_shorter_program(tmp_path, monkeypatch):
-    monkeypatch.setenv("STAGE2_FAILURES_DIR", str(tmp_path))
     cls = MUTANTS[NAME]
     failure, machine = polish.play(NAME, cls, SHRUNK)
     machine.run_settings = {"max_examples": 300}
@@ -82,7 +81,6 @@ def test_after_failure_rewrites_the_files_for_the_shorter_program(tmp_path, monk
 
 
 def test_after_failure_keeps_a_program_with_nothing_to_delete(tmp_path, monkeypatch):
-    monkeypatch.setenv("STAGE2_FAILURES_DIR", str(tmp_path))
     cls = MUTANTS[NAME]
     minimal = [BOOT, READ, WRITE]
     failure, machine = polish.play(NAME, cls, minimal)
@@ -101,7 +99,6 @@ def test_every_failure_file_holds_a_one_minimal_program(how, tmp_path, monkeypat
     6.155 and today's generator, ci's shrunk program for this mutant keeps one
     removable step, so both paths must run the deletion pass to pass this.)"""
     name = "mutant-harvest-no-reprotect"
-    monkeypatch.setenv("STAGE2_FAILURES_DIR", str(tmp_path))
     cls = MUTANTS[name]
     if how == "runner":
         from conformance.runner import run

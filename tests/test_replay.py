@@ -18,12 +18,6 @@ from conformance.failures.replay import replay
 from conformance.runner import run
 
 
-@pytest.fixture(autouse=True)
-def failures(tmp_path, monkeypatch):
-    monkeypatch.setenv("STAGE2_FAILURES_DIR", str(tmp_path))
-    return tmp_path
-
-
 def test_replay_round_trip(tmp_path):
     name = "mutant-no-cmo-on-map"
     found = run(name, MUTANTS[name], profile="ci", max_examples=100)

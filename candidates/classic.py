@@ -41,7 +41,7 @@ CACHES_ON = SCTLR_M | SCTLR_C
 
 
 def fault_supports_stage2_huge_mapping(slot: Memslot, hva: int, size: int) -> bool:
-    """Reference §3.3: gfn/hva congruent modulo ``size`` and the ``size``-aligned
+    """Rules §3.3: gfn/hva congruent modulo ``size`` and the ``size``-aligned
     window around ``hva`` inside the memslot's userspace range."""
     if size == PAGE_SIZE:
         return True
@@ -56,7 +56,7 @@ class ClassicCandidate(KvmBase):
                                 max_vcpus=4, block_mappings=True)
     version = "kvm-arm64-v6.12-classic/1"
     #: ``KVM_CAP_ARM_EAGER_SPLIT_CHUNK_SIZE`` != 0: split blocks to 4K right after
-    #: write-protecting a slot whose logging is enabled (reference §4.2).
+    #: write-protecting a slot whose logging is enabled (rules §4.2).
     eager_split = False
 
     def __init__(self, services, config):

@@ -2,11 +2,11 @@
 plain exclusive page-table walker, so that each candidate stays short.
 
 * :class:`KvmBase` — memslot lookup and the MMU-notifier sequence/in-progress
-  bookkeeping (reference §5.1), dirty-bitmap plumbing.
+  bookkeeping (rules §5.1), dirty-bitmap plumbing.
 * :class:`PageTable` — table allocation, lookup, break-before-make install,
   unmap with pruning of empty tables, write-protect, aging, flush, teardown,
-  all through :class:`conformance.services.Services` and with the refcount
-  discipline of reference §2.3: ``refcount(T) = 1 + non-zero entries``.
+  all through :class:`conformance.platform.services.Services` and with the refcount
+  discipline of rules §2.3: ``refcount(T) = 1 + non-zero entries``.
 """
 
 from __future__ import annotations
@@ -79,12 +79,12 @@ class PageTable:
 
     # ------------------------------------------------------------- changing
     def clean(self, pte: int, level: int) -> None:
-        """``__clean_dcache_guest_page``: nothing to do with FWB (reference §2.3)."""
+        """``__clean_dcache_guest_page``: nothing to do with FWB (rules §2.3)."""
         if not self.fwb and d.is_cacheable(pte, self.fwb):
             self.svc.dcache_clean_inval_poc(d.pte_pa(pte), granule(level))
 
     def install(self, ptep: int, old: int, new: int, ipa: int, level: int) -> None:
-        """Break-before-make (reference §2.4): invalid, TLBI, then the new leaf,
+        """Break-before-make (rules §2.4): invalid, TLBI, then the new leaf,
         with the CMOs done while the entry is invalid."""
         if d.is_valid(old):
             self.svc.write_pte(ptep, 0)
@@ -154,7 +154,7 @@ class PageTable:
 
 
 class KvmBase(Candidate):
-    """Generic KVM: memslots and MMU-notifier bookkeeping (reference §5.1).
+    """Generic KVM: memslots and MMU-notifier bookkeeping (rules §5.1).
 
     Subclasses implement ``unmap_gfn_range(slot, start_gfn, end_gfn)``; the
     notifier sequence (``mmu_invalidate_seq``, ``mmu_invalidate_in_progress``)

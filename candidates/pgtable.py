@@ -1,4 +1,4 @@
-"""A small ``kvm_pgtable``-style stage-2 walker framework (reference §2).
+"""A small ``kvm_pgtable``-style stage-2 walker framework (rules §2).
 
 This is deliberately close to ``arch/arm64/kvm/hyp/pgtable.c`` so that a
 candidate built on it reads like KVM:
@@ -23,7 +23,7 @@ from __future__ import annotations
 from model import descriptors as d
 from model.geometry import MIN_BLOCK_LEVEL, PAGE_SIZE, granule, index
 
-# kvm_pgtable_walk_flags (v6.5-v6.12 values, reference §2.1)
+# kvm_pgtable_walk_flags (v6.5-v6.12 values, rules §2.1)
 LEAF = 1 << 0
 TABLE_PRE = 1 << 1
 TABLE_POST = 1 << 2

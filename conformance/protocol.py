@@ -5,7 +5,7 @@ A candidate is the KVM-side code under test. It is a class registered under the
 entry-point group ``stage2_conformance.candidates`` and constructed once per
 generated program as ``Candidate(services, config)``. It owns its stage-2 page
 tables, which live in platform memory in the architectural format, and it
-touches the world *only* through the :class:`~conformance.services.Services`
+touches the world *only* through the :class:`~conformance.platform.services.Services`
 object it is given.
 
 Everything here is a small frozen value; see ``docs/candidate-protocol.md`` for
@@ -27,7 +27,7 @@ class VmConfig:
     """What the VM and the (simulated) CPU look like for one generated program.
 
     ``fwb``: FEAT_S2FWB — stage 2 forces Normal-WB, data-side coherence is
-    automatic (reference §6.2). ``hw_af``: VTCR_EL2.HA — the walker sets AF
+    automatic (rules §6.2). ``hw_af``: VTCR_EL2.HA — the walker sets AF
     itself instead of raising access-flag faults (§1.5 rule 6). ``dic`` /
     ``idc``: CTR_EL0.DIC / IDC — instruction fetches are coherent with data
     (DIC), or the I-cache fills from the data cache (IDC) (§6.2).
@@ -45,7 +45,7 @@ class VmConfig:
 @attrs.frozen
 class Memslot:
     """A KVM memslot: guest frames ``[base_gfn, base_gfn + npages)`` backed by
-    VMM virtual addresses from ``userspace_addr`` (reference §3.3, §4.1)."""
+    VMM virtual addresses from ``userspace_addr`` (rules §3.3, §4.1)."""
 
     id: int
     base_gfn: int
@@ -76,7 +76,7 @@ class Memslot:
 
     @property
     def is_logging(self) -> bool:
-        """``memslot_is_logging``: RO slots are never logged (reference §4.1)."""
+        """``memslot_is_logging``: RO slots are never logged (rules §4.1)."""
         return self.log_dirty_pages and not self.readonly
 
 
@@ -90,7 +90,7 @@ class MemslotChange(enum.Enum):
 
 
 class FaultKind(enum.Enum):
-    """The xFSC type of a stage-2 abort (reference §1.5)."""
+    """The xFSC type of a stage-2 abort (rules §1.5)."""
 
     TRANSLATION = "translation"
     ACCESS_FLAG = "access_flag"
@@ -103,7 +103,7 @@ _FSC_BASE = {FaultKind.TRANSLATION: 0b000100, FaultKind.ACCESS_FLAG: 0b001000,
 
 @attrs.frozen
 class GuestAbort:
-    """A stage-2 abort as ESR_EL2/HPFAR_EL2 would describe it (reference §1.5).
+    """A stage-2 abort as ESR_EL2/HPFAR_EL2 would describe it (rules §1.5).
 
     ``ipa`` is the faulting IPA (page aligned, as HPFAR gives it); ``level`` is
     the level the walk stopped at (for permission faults: the level of the
@@ -129,7 +129,7 @@ class GuestAbort:
 
     @property
     def is_write_fault(self) -> bool:
-        """``kvm_is_write_fault`` (reference §1.5)."""
+        """``kvm_is_write_fault`` (rules §1.5)."""
         if self.s1ptw:
             return self.kind is FaultKind.PERMISSION
         if self.exec:
@@ -150,7 +150,7 @@ class Exit(enum.Enum):
 
 
 class NotifierEvent(enum.Enum):
-    """``enum mmu_notifier_event`` (reference §5.1), plus the 2023 proposal's
+    """``enum mmu_notifier_event`` (rules §5.1), plus the 2023 proposal's
     PROTECTION_UPGRADE (§5.4, seed 003), which the platform raises for mprotect
     back to read-write so that the cost of zapping on it is visible."""
 
@@ -223,7 +223,7 @@ class Candidate:
         self.services = services
         self.config = config
 
-    # vCPU lifecycle and trapped guest system-register accesses (reference §6.3, §6.4)
+    # vCPU lifecycle and trapped guest system-register accesses (rules §6.3, §6.4)
     def vcpu_init(self, vcpu: int) -> None:
         """``KVM_ARM_VCPU_INIT``: reset the vCPU (arm TVM without FWB)."""
 
@@ -233,7 +233,7 @@ class Candidate:
     def handle_set_way(self, vcpu: int) -> None:
         """A trapped DC ISW/CSW/CISW (HCR_EL2.TSW is always set)."""
 
-    # Memslots and dirty logging (reference §4)
+    # Memslots and dirty logging (rules §4)
     def commit_memory_region(self, old: Memslot | None, new: Memslot | None,
                              change: MemslotChange) -> None:
         """``kvm_arch_commit_memory_region`` (plus ``kvm_arch_flush_shadow_memslot``
@@ -243,11 +243,11 @@ class Candidate:
         """``KVM_GET_DIRTY_LOG``: return the dirty gfns (absolute) and re-protect."""
         raise NotImplementedError
 
-    # The fault path (reference §3)
+    # The fault path (rules §3)
     def handle_guest_abort(self, vcpu: int, fault: GuestAbort) -> Exit:
         raise NotImplementedError
 
-    # MMU notifiers (reference §5)
+    # MMU notifiers (rules §5)
     def invalidate_range_start(self, range: NotifierRange) -> None:
         raise NotImplementedError
 

@@ -1,4 +1,4 @@
-"""Data and instruction caches for one page, as a pure value (reference §6).
+"""Data and instruction caches for one page, as a pure value (rules §6).
 
 The model's cache line is a whole 4 KiB page: guest and host values are
 page-granular (DESIGN §3), so nothing is lost by it. A page's state is
@@ -14,7 +14,7 @@ The same transition functions serve twice:
   exactly what the architecture allows.
 
 Without FEAT_S2FWB, a guest with its MMU or D-cache off accesses memory
-Non-cacheably (reference §6.1): :func:`nc_read` / :func:`nc_write` bypass the
+Non-cacheably (rules §6.1): :func:`nc_read` / :func:`nc_write` bypass the
 line; the host always uses its cacheable linear alias.
 """
 
@@ -41,7 +41,7 @@ FRESH_ZEROED = LineState(mem=GARBAGE, dline=0, dirty=True, iline=GARBAGE)
 Its I-cache line still holds the page's previous life (code the host ran from
 it, or a speculative fetch): nothing invalidates the I-cache on allocation, so
 the adversarial choice is a stale line until someone issues IC IVAU/IALLU
-(reference §6.2, §9.6 C2)."""
+(rules §6.2, §9.6 C2)."""
 
 
 def cacheable_read(s: LineState) -> tuple[int, LineState]:
@@ -52,7 +52,7 @@ def cacheable_read(s: LineState) -> tuple[int, LineState]:
 
 
 def nc_read(s: LineState) -> int:
-    """Non-cacheable reads go to PoC and ignore any line (reference §6.1 hazard a)."""
+    """Non-cacheable reads go to PoC and ignore any line (rules §6.1 hazard a)."""
     return s.mem
 
 

@@ -1,4 +1,4 @@
-"""Stage-2 descriptor encoding as KVM uses it (reference §1.2-§1.4).
+"""Stage-2 descriptor encoding as KVM uses it (rules §1.2-§1.4).
 
 Bit exact for the non-LPA2, 4 KiB-granule format. `Leaf`, `Table` and
 `Invalid` are decoded views; everything else works on raw 64-bit ints.
@@ -42,7 +42,7 @@ PTE_MASK = _genmask(63, 0)
 
 
 class MemType(enum.Enum):
-    """Stage-2 memory types KVM maps (reference §1.3)."""
+    """Stage-2 memory types KVM maps (rules §1.3)."""
 
     NORMAL = "Normal"
     NORMAL_NC = "Normal-NC"
@@ -51,7 +51,7 @@ class MemType(enum.Enum):
 
 def memattr(memtype: MemType, fwb: bool) -> int:
     """MemAttr[3:0] (PAGE_S2_MEMATTR): Normal 0xF, or 0x6 with FWB;
-    Normal-NC 0x5; Device-nGnRE 0x1 in both modes (reference §1.3)."""
+    Normal-NC 0x5; Device-nGnRE 0x1 in both modes (rules §1.3)."""
     if memtype is MemType.NORMAL:
         return 0x6 if fwb else 0xF
     return {MemType.NORMAL_NC: 0x5, MemType.DEVICE: 0x1}[memtype]
@@ -59,7 +59,7 @@ def memattr(memtype: MemType, fwb: bool) -> int:
 
 def memtype_of(value: int, fwb: bool) -> MemType:
     """Inverse of `memattr`; ValueError for encodings KVM never writes in
-    this FWB mode (reference §1.3)."""
+    this FWB mode (rules §1.3)."""
     for memtype in MemType:
         if memattr(memtype, fwb) == value:
             return memtype
@@ -67,7 +67,7 @@ def memtype_of(value: int, fwb: bool) -> MemType:
 
 
 class Prot(enum.Flag):
-    """Subset of enum kvm_pgtable_prot, KVM's bit values (reference §1.3)."""
+    """Subset of enum kvm_pgtable_prot, KVM's bit values (rules §1.3)."""
 
     X = 1 << 0
     W = 1 << 1
@@ -86,8 +86,8 @@ _BOOL = v.instance_of(bool)
 
 @attrs.frozen
 class Leaf:
-    """A valid block (L1/L2) or page (L3) descriptor (reference §1.2).
-    L0 cannot hold a block with the 4K granule (reference §1.1)."""
+    """A valid block (L1/L2) or page (L3) descriptor (rules §1.2).
+    L0 cannot hold a block with the 4K granule (rules §1.1)."""
 
     oa: int = attrs.field(validator=_int(0, ADDR_MASK))
     level: int = attrs.field(validator=_int(MIN_BLOCK_LEVEL, 3))
@@ -100,7 +100,7 @@ class Leaf:
     sw: int = attrs.field(default=0, validator=_int(0, 0xF))
 
     def __attrs_post_init__(self) -> None:
-        """OA must be aligned to the leaf's granule (reference §2.5)."""
+        """OA must be aligned to the leaf's granule (rules §2.5)."""
         if self.oa % self.size:
             raise ValueError(f"OA {self.oa:#x} not aligned to L{self.level} granule")
 
@@ -127,7 +127,7 @@ class Leaf:
 @attrs.frozen
 class Table:
     """A valid table descriptor at L0-L2: only the next-level address, no
-    hierarchical attributes at stage 2 (reference §1.1, §1.2)."""
+    hierarchical attributes at stage 2 (rules §1.1, §1.2)."""
 
     next_pa: int = attrs.field(validator=_int(0, ADDR_MASK))
 
@@ -162,7 +162,7 @@ class Invalid:
 
 
 def decode(pte: int, level: int) -> Leaf | Table | Invalid:
-    """Decode `pte` read at `level` (reference §1.2): bit 0 clear -> Invalid;
+    """Decode `pte` read at `level` (rules §1.2): bit 0 clear -> Invalid;
     type 1 below L3 -> Table; type 1 at L3 -> page; type 0 at L1/L2 -> block.
     Type 0 at L3 is reserved and L0 cannot hold a block (both ValueError).
     XN counts as set iff bit 54 is set."""
@@ -186,7 +186,7 @@ def decode(pte: int, level: int) -> Leaf | Table | Invalid:
 
 def _prot_memtype(prot: Prot) -> MemType:
     """stage2_set_prot_attr: DEVICE+NORMAL_NC, DEVICE+X and NORMAL_NC+X are
-    all -EINVAL (ValueError here) (reference §1.3)."""
+    all -EINVAL (ValueError here) (rules §1.3)."""
     if Prot.DEVICE in prot and Prot.NORMAL_NC in prot:
         raise ValueError("DEVICE and NORMAL_NC are mutually exclusive")
     if Prot.X in prot and prot & (Prot.DEVICE | Prot.NORMAL_NC):
@@ -198,7 +198,7 @@ def _prot_memtype(prot: Prot) -> MemType:
 
 def make_leaf(pa: int, level: int, prot: Prot, fwb: bool, sw: int = 0) -> int:
     """Leaf as KVM's map builds it: MemAttr from the type, XN unless X,
-    S2AP_R/W from R/W, SH = IS, AF = 1, SW bits copied (reference §1.3)."""
+    S2AP_R/W from R/W, SH = IS, AF = 1, SW bits copied (rules §1.3)."""
     return Leaf(oa=pa, level=level, read=Prot.R in prot, write=Prot.W in prot,
                 exec=Prot.X in prot, memattr=memattr(_prot_memtype(prot), fwb),
                 sw=sw).encode()
@@ -207,7 +207,7 @@ def make_leaf(pa: int, level: int, prot: Prot, fwb: bool, sw: int = 0) -> int:
 def pte_prot(pte: int, fwb: bool) -> Prot:
     """kvm_pgtable_stage2_pte_prot minus SW bits: empty for invalid PTEs; else
     R/W from S2AP, X iff XN clear, DEVICE/NORMAL_NC from MemAttr (ValueError
-    if MemAttr is not a KVM encoding) (reference §1.3)."""
+    if MemAttr is not a KVM encoding) (rules §1.3)."""
     if not is_valid(pte):
         return Prot(0)
     flags = [(Prot.R, pte & S2AP_R), (Prot.W, pte & S2AP_W), (Prot.X, not pte & XN)]
@@ -221,18 +221,18 @@ def pte_prot(pte: int, fwb: bool) -> Prot:
 
 
 def is_valid(pte: int) -> bool:
-    """Bit 0 set (reference §1.2)."""
+    """Bit 0 set (rules §1.2)."""
     return bool(pte & PTE_VALID)
 
 
 def is_table(pte: int, level: int) -> bool:
-    """Valid, type bit set and level < 3 (reference §2.2 step 5)."""
+    """Valid, type bit set and level < 3 (rules §2.2 step 5)."""
     return is_valid(pte) and bool(pte & PTE_TYPE) and level < 3
 
 
 def is_leaf(pte: int, level: int) -> bool:
     """Valid page at L3 or valid block at L1/L2; the reserved L3 encoding and
-    an L0 "block" are not leaves (reference §1.1, §1.2)."""
+    an L0 "block" are not leaves (rules §1.1, §1.2)."""
     if not is_valid(pte):
         return False
     return bool(pte & PTE_TYPE) if level == 3 else level in (1, 2) and not pte & PTE_TYPE
@@ -244,26 +244,26 @@ def is_locked(pte: int) -> bool:
 
 
 def pte_pa(pte: int) -> int:
-    """Output / next-table address, bits 47:12 (reference §1.2)."""
+    """Output / next-table address, bits 47:12 (rules §1.2)."""
     return pte & ADDR_MASK
 
 
 def is_counted(pte: int) -> bool:
     """stage2_pte_is_counted: every non-zero entry holds a reference on its
-    table page (reference §1.4, §2.3)."""
+    table page (rules §1.4, §2.3)."""
     return pte != 0
 
 
 def is_cacheable(pte: int, fwb: bool) -> bool:
     """stage2_pte_cacheable: valid and MemAttr is the Normal encoding for this
-    FWB mode; Normal-NC and Device are not cacheable (reference §1.3)."""
+    FWB mode; Normal-NC and Device are not cacheable (rules §1.3)."""
     value = (pte & MEMATTR_MASK) >> MEMATTR_SHIFT
     return is_valid(pte) and value == memattr(MemType.NORMAL, fwb)
 
 
 def perm_only_change(old: int, new: int) -> bool:
     """Both valid and differing only in S2AP_R/S2AP_W/XN, or identical
-    (!stage2_pte_needs_update; reference §2.5 try_leaf step 3)."""
+    (!stage2_pte_needs_update; rules §2.5 try_leaf step 3)."""
     return is_valid(old) and is_valid(new) and not (old ^ new) & ~S2_PERMS
 
 

@@ -1,4 +1,4 @@
-"""The host: the VMM's address space as Linux mm would keep it (reference §3.4, §5).
+"""The host: the VMM's address space as Linux mm would keep it (rules §3.4, §5).
 
 ``HostMm`` maps VMM virtual addresses (hva) to physical pages. It knows VMAs
 (writable or not, THP-eligible or not), per-page host PTEs (pfn, writable,

@@ -1,6 +1,6 @@
 """Simulated physical memory: page lifecycle, table contents, data lines.
 
-Every page has a :class:`PageUse` lifecycle (reference §2.3, §7.3):
+Every page has a :class:`PageUse` lifecycle (rules §2.3, §7.3):
 
     FREE ──alloc_data──▶ DATA ──free──▶ FREED
     FREE ──alloc_table─▶ TABLE (refcount ≥ 1) ──refcount 0──▶ FREED
@@ -56,7 +56,7 @@ class PhysicalMemory:
         return pfn
 
     def alloc_data(self, n: int = 1, align: int = 1) -> int:
-        """Host pages, zeroed through the cacheable alias (reference §6.1)."""
+        """Host pages, zeroed through the cacheable alias (rules §6.1)."""
         pfn = self._alloc(n, PageUse.DATA, align)
         for p in range(pfn, pfn + n):
             self.lines[p] = FRESH_ZEROED

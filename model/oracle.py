@@ -31,7 +31,7 @@ R4 Maintenance promises [§6.5 G-C1..G-C4]. KVM cleans+invalidates a page to
    guest accessed the page and has not since accessed another page of its
    2 MiB window, because a fault there may replace a block by a table, and
    KVM's map path drops the rest of the block without any CMO [§2.5, §6.2]
-   (:class:`conformance.monitors.Monitors` checks C4 on the tree). A page is
+   (:class:`conformance.platform.monitors.Monitors` checks C4 on the tree). A page is
    *exposed* from the first guest access to any gfn in its 2 MiB window of the
    memslot (the largest block a correct candidate could have mapped) until an
    invalidation covers it; the oracle applies G-C1 and G-C2 when exposure

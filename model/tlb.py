@@ -1,4 +1,4 @@
-"""Per-vCPU TLBs: leaf entries and walk-cache entries (reference §1.5, §2.6).
+"""Per-vCPU TLBs: leaf entries and walk-cache entries (rules §1.5, §2.6).
 
 Architectural rules encoded here and in the platform that fills the TLB:
 

@@ -1,4 +1,4 @@
-"""The hardware stage-2 walker (reference §1.5, §2.2).
+"""The hardware stage-2 walker (rules §1.5, §2.2).
 
 The walker reads table pages through a ``read_table(pfn) -> list[int]``
 callback, so the platform decides what a read of a freed page means (a use

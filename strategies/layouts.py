@@ -2,7 +2,7 @@
 
 Layouts are small (a few MiB) so steps stay cheap, but always contain what the
 bugs need: at least one 2 MiB-aligned window inside a memslot (blocks are
-possible), optionally a gfn/hva misalignment (blocks must be refused, reference
+possible), optionally a gfn/hva misalignment (blocks must be refused, rules
 §3.3), THP-backed or not, and optionally a small read-only slot.
 """
 
@@ -48,13 +48,13 @@ class Layout:
                    slot 0 with logging off (blocks where allowed); then logging
                    was turned on for the slots that have it.
     ``migrating``  as ``running`` with slot 0 logging, then vCPU0 wrote 8 pages
-                   per window (blocks split, reference §4.3).
+                   per window (blocks split, rules §4.3).
     ``migrated``   as ``migrating``, then logging was turned off again: 4 KiB
                    tables are left where blocks may come back (§4.6).
 
     In a warm start with ``caches_on`` (three in four), every vCPU turned its
     MMU and caches on (SCTLR_EL1.{M,C}, trapped by TVM: KVM flushes the VM and
-    stops trapping, reference §6.3) right after the first reads, as a guest
+    stops trapping, rules §6.3) right after the first reads, as a guest
     kernel does once its boot code has run with the MMU off. Without it the guest stays in its
     MMU-off boot phase, which is where the cache bugs of §6.1 show.
 
@@ -120,7 +120,7 @@ def layouts(draw) -> Layout:
     hva0 = 0x4000_0000 + (PAGE if misaligned else 0)
     vma0 = Vma(0x4000_0000, 0x4000_0000 + (npages << 12) + MIB2, thp)
     # Starting with dirty logging on puts 4K pages in a THP window at once, so
-    # disabling it and faulting again collapses them (reference §4.6).
+    # disabling it and faulting again collapses them (rules §4.6).
     logging = draw(st.sampled_from([True, False, True]))
     slots = [Memslot(0, 0x40000, npages, hva0, log_dirty_pages=logging)]
     vmas = [vma0]

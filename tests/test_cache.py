@@ -1,4 +1,4 @@
-"""Tests for model.cache: one page's PoC value, D-line and I-line (reference §6.1, §6.2)."""
+"""Tests for model.cache: one page's PoC value, D-line and I-line (rules §6.1, §6.2)."""
 
 import pytest
 from hypothesis import given, settings, strategies as st

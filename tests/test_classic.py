@@ -1,5 +1,5 @@
 """``kvm-classic`` and ``eager-unmap``: conformance runs and targeted scenarios
-on a bare :class:`~conformance.platform.Platform` (reference §2-§6)."""
+on a bare :class:`~conformance.platform.Platform` (rules §2-§6)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Tests for model.descriptors against reference §1.2-§1.4."""
+"""Tests for model.descriptors against rules §1.2-§1.4."""
 
 import pytest
 from hypothesis import given, strategies as st
@@ -67,7 +67,7 @@ tables = st.builds(Table, st.integers(0, OA_LIMIT // 4096 - 1).map(lambda n: n *
 
 @st.composite
 def valid_prots(draw):
-    """Prot values stage2_set_prot_attr accepts (reference §1.3)."""
+    """Prot values stage2_set_prot_attr accepts (rules §1.3)."""
     prot = Prot(0)
     for flag in (Prot.R, Prot.W):
         prot |= flag if draw(st.booleans()) else Prot(0)

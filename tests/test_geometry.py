@@ -1,4 +1,4 @@
-"""Tests for model.geometry against reference §1.1."""
+"""Tests for model.geometry against rules §1.1."""
 
 import pytest
 from hypothesis import given, strategies as st
@@ -18,7 +18,7 @@ from model.geometry import (
 KiB, MiB, GiB = 1 << 10, 1 << 20, 1 << 30
 
 # (ipa_bits, levels, start_level, pgd_pages, start-level entries used)
-# -- the table in reference §1.1 (non-LPA2 rows).
+# -- the table in rules §1.1 (non-LPA2 rows).
 GEOMETRY_TABLE = [
     (32, 2, 2, 4, 4 * 512),
     (36, 3, 1, 1, 64),

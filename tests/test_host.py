@@ -1,4 +1,4 @@
-"""Tests for model.host: the VMM's address space (reference §3.4, §5; DESIGN §3)."""
+"""Tests for model.host: the VMM's address space (rules §3.4, §5; DESIGN §3)."""
 import pytest
 
 from model import cache

@@ -1,5 +1,5 @@
 """Tests for model.memory: page lifecycle of simulated physical memory
-(reference §2.3, §7.3)."""
+(rules §2.3, §7.3)."""
 
 import pytest
 

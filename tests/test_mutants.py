@@ -28,8 +28,8 @@ from strategies.layouts import Layout, Vma
 MUTANT_BUDGET = dict(profile="ci")
 MAX_SHRUNK_STEPS = 10
 
-#: Property families: the monitors' (conformance/monitors.py) and the oracle
-#: checks of the machine (conformance/machine.py).
+#: Property families: the monitors' (conformance/platform/monitors.py) and the oracle
+#: checks of the machine (conformance/machines/sequential.py).
 FAMILIES = {
     "break-before-make", "tlb-conflict", "stale-translation", "memslot-fidelity",
     "dirty-logging", "table-lifecycle", "refcount", "host-page-refs", "aging",

@@ -1,5 +1,5 @@
 """Tests for model.oracle, the executable specification (rules R1-R6 of its
-docstring; DESIGN §3; reference §6.3-§6.5, §9.4)."""
+docstring; DESIGN §3; rules §6.3-§6.5, §9.4)."""
 
 import pytest
 
@@ -82,7 +82,7 @@ def test_guest_write_then_read_returns_value(mode):
     assert read(o, GFN) == {5}
     if mode == "on":
         assert o.vmm_read(hva(GFN)) == {5}
-    else:  # NC write below a possibly stale clean line (reference §6.1 hazard b)
+    else:  # NC write below a possibly stale clean line (rules §6.1 hazard b)
         assert o.vmm_read(hva(GFN)) == {0, 5}
 
 

@@ -1,8 +1,8 @@
 """The conformance machines of the bundled correct candidates.
 
-The ``from conformance.suite import *`` below is how the default ``pytest``
+The ``from conformance.pytest_plugin.suite import *`` below is how the default ``pytest``
 run collects them (one ``TestConformance_<name>`` per candidate; see
-:mod:`conformance.suite` and the collection notes in :mod:`conformance.plugin`).
+:mod:`conformance.pytest_plugin.suite` and the collection notes in :mod:`conformance.pytest_plugin.plugin`).
 The functions below test that module itself.
 """
 

@@ -1,4 +1,4 @@
-"""Tests for model.tlb: per-vCPU leaf and walk-cache entries (reference §1.5, §2.6)."""
+"""Tests for model.tlb: per-vCPU leaf and walk-cache entries (rules §1.5, §2.6)."""
 
 import pytest
 
@@ -116,7 +116,7 @@ def test_invalidate_ipa_inside_a_block_with_right_level():
 
 @pytest.mark.parametrize("hint", [1, 2])
 def test_invalidate_ipa_with_wrong_level_hint_leaves_the_leaf(hint):
-    # reference §1.5 rule 4: a wrong TTL hint need not invalidate
+    # rules §1.5 rule 4: a wrong TTL hint need not invalidate
     tlb = Tlb()
     e = leaf(0x5000, 3, 0x80000)
     tlb.insert(e)
@@ -156,7 +156,7 @@ def test_invalidate_ipa_does_not_touch_other_addresses():
 
 @pytest.mark.parametrize("hint", [None, 1, 2, 3])
 def test_invalidate_ipa_removes_covering_walk_entries_regardless_of_level(hint):
-    # reference §1.5 rule 3: IPAS2E1 is the non-leaf form
+    # rules §1.5 rule 3: IPAS2E1 is the non-leaf form
     tlb = Tlb()
     ipa = GiB + 2 * MiB + 0x3000
     for w in (WalkEntry(0, 0, 0x90), WalkEntry(GiB, 1, 0x91),

@@ -1,5 +1,5 @@
 """Tests for model.walker: the hardware stage-2 walk over hand-built tables
-(reference §1.1, §1.5, §2.2)."""
+(rules §1.1, §1.5, §2.2)."""
 
 import pytest
 

@@ -1,7 +1,7 @@
 """Known-bug mutants: the corpus every change to the suite must keep catching.
 
-Each mutant is a small subclass that reintroduces one real bug (reference §8)
-or breaks one invariant (reference §9). Metadata on the class says what it is
+Each mutant is a small subclass that reintroduces one real bug (rules §8)
+or breaks one invariant (rules §9). Metadata on the class says what it is
 (``bug``) and which property families must catch it (``expected_property``);
 ``tests/test_mutants.py`` checks that the suite does, with a short
 counterexample.

@@ -2,15 +2,15 @@
 
 Each mutant is a small subclass of :class:`~candidates.classic.ClassicCandidate`
 (or of its ``kvm_pgtable``-style walker, :class:`~candidates.pgtable.Stage2PgTable`)
-that reintroduces one real KVM/arm64 bug (reference §8, cited by subject and
-year) or breaks one invariant (reference §9). Metadata on every class:
+that reintroduces one real KVM/arm64 bug (rules §8, cited by subject and
+year) or breaks one invariant (rules §9). Metadata on every class:
 
 ``known_bug``          always true: the suite must fail it;
 ``bug``                one line, in KVM terms;
 ``reference``          where the bug or invariant is described;
 ``expected_property``  the property families (names from
-                       :mod:`conformance.monitors` and the oracle checks in
-                       :mod:`conformance.machine`) that may catch it; a crash
+                       :mod:`conformance.platform.monitors` and the oracle checks in
+                       :mod:`conformance.machines.sequential`) that may catch it; a crash
                        of the candidate (``candidate-error``) never counts.
 
 :data:`MUTANTS` is the registered corpus: ``tests/test_mutants.py`` checks that
@@ -89,7 +89,7 @@ def _huge_ok_without_window(slot, hva, size):
 class ThpWithoutCongruenceCheck(_ClassicMutant):
     """THP adjustment maps a 2 MiB block although the memslot's gfn and hva are
     not congruent modulo 2 MiB: the block's output is the head of the host's
-    THP, which backs other gfns (reference §3.3 (a); §8 bug 3, "KVM: arm/arm64:
+    THP, which backs other gfns (rules §3.3 (a); §8 bug 3, "KVM: arm/arm64:
     Fix handling of stage2 huge mappings", 2019, Suzuki K Poulose)."""
 
     bug = "block mapping without the gfn/hva congruence check (THP on a misaligned memslot)"
@@ -106,7 +106,7 @@ class ThpAdjustUnchecked(_ClassicMutant):
     """THP adjustment keeps the 2 MiB size after ``fault_supports_stage2_huge_mapping``
     rejected it: a block is mapped whether or not the gfn/hva are congruent
     modulo 2 MiB and whether or not the window lies inside the memslot
-    (reference §3.3; §8 bug 3, "KVM: arm/arm64: Fix handling of stage2 huge
+    (rules §3.3; §8 bug 3, "KVM: arm/arm64: Fix handling of stage2 huge
     mappings" / "Enforce PTE mappings at stage2 when needed", 2019, Suzuki K
     Poulose: "rejecting a huge mapping did not reset the mapping size")."""
 
@@ -122,7 +122,7 @@ class ThpAdjustUnchecked(_ClassicMutant):
 class BlockBeyondMemslot(_ClassicMutant):
     """A rejected huge mapping keeps its huge size when the 2 MiB window is not
     entirely inside the memslot: the block exposes gfns past the slot's end
-    (reference §3.3 (b); §8 bug 3, "KVM: arm/arm64: Enforce PTE mappings at
+    (rules §3.3 (b); §8 bug 3, "KVM: arm/arm64: Enforce PTE mappings at
     stage2 when needed", 2019, Suzuki K Poulose)."""
 
     bug = "block mapping whose 2 MiB window extends beyond the memslot"
@@ -138,7 +138,7 @@ class PermFaultIgnoresGranule(_ClassicMutant):
     """Every permission fault is fixed by ``relax_perms``, even when the size
     the fault path wants (``vma_pagesize``) differs from the existing leaf's
     (``fault_granule``): a write to a read-only 2 MiB block of a logging slot
-    makes the whole block writable instead of splitting it to 4K (reference
+    makes the whole block writable instead of splitting it to 4K (rules
     §3.2 steps 15 and 18, §3.2.1 "RO block, dirty logging active")."""
 
     bug = "permission fault relaxes the existing leaf although fault_granule != vma_pagesize"
@@ -168,7 +168,7 @@ class _UnmapNoTlbiPgTable(Stage2PgTable):
 class UnmapWithoutTlbi(_ClassicMutant):
     """``kvm_pgtable_stage2_unmap`` clears each leaf but issues no TLBI for it:
     after ``invalidate_range_start`` returns, TLBs still translate to the page
-    the host is about to free or move (reference §5.2, §9.3 T2, §9.5 N1)."""
+    the host is about to free or move (rules §5.2, §9.3 T2, §9.5 N1)."""
 
     bug = "notifier unmap leaves a stale TLB entry (no TLBI after clearing the leaf)"
     reference = "§5.2, §9.3 T2, §9.5 N1"
@@ -196,7 +196,7 @@ class _AgingMaskPgTable(Stage2PgTable):
 class AgingClearsMoreThanAf(_ClassicMutant):
     """``clear_young``/``clear_flush_young`` clear AF with a mask that also
     takes the write permission: aging changes permissions, which it must never
-    do (reference §5.2, §9.5 N4)."""
+    do (rules §5.2, §9.5 N4)."""
 
     bug = "aging (mkold) clears S2AP_W together with AF"
     reference = "§5.2 kvm_age_gfn, §9.5 N4"
@@ -224,7 +224,7 @@ class _LeakyDestroyPgTable(Stage2PgTable):
 class ReleaseLeaksTables(_ClassicMutant):
     """The notifier ``release`` (``kvm_free_stage2_pgd`` →
     ``kvm_pgtable_stage2_destroy``) walks leaves only: every intermediate table
-    page is still allocated, reachable from nothing, after teardown (reference
+    page is still allocated, reachable from nothing, after teardown (rules
     §5.2 release, §9.1 S2, §9.5 N3)."""
 
     bug = "release/destroy frees leaves and the PGD but leaks every table page"
@@ -243,7 +243,7 @@ class _RelaxNoTlbiPgTable(Stage2PgTable):
 class RelaxWithoutLocalTlbi(_ClassicMutant):
     """``kvm_pgtable_stage2_relax_perms`` updates the PTE but issues no local
     TLBI: the faulting vCPU keeps its cached, permission-faulting entry and
-    re-takes the same fault for ever (reference §2.5 relax_perms, §7.5, §9.3 T4;
+    re-takes the same fault for ever (rules §2.5 relax_perms, §7.5, §9.3 T4;
     the sequential form of §8 bug 14)."""
 
     bug = "permission relaxation without the local TLBI"
@@ -273,7 +273,7 @@ class RelaxTlbiOnlyIfChanged(_ClassicMutant):
     """The local TLBI after a permission fault is issued only when this walker
     changed the PTE. A vCPU whose TLB still holds the old read-only (or XN)
     entry, after another vCPU already relaxed the PTE, finds nothing to change,
-    skips its TLBI and livelocks (reference §8 bug 14, "KVM: arm64: Always
+    skips its TLBI and livelocks (rules §8 bug 14, "KVM: arm64: Always
     invalidate TLB for stage-2 permission faults", Sep 2023, Oliver Upton)."""
 
     bug = "relax_perms TLBIs only when it changed the PTE (second vCPU livelocks)"
@@ -301,7 +301,7 @@ class RelaxTakesExtraReference(_ClassicMutant):
     """A valid→valid update (``relax_perms`` adding W or X) takes a page-table
     reference as if it installed a new entry: the table page's refcount no
     longer equals 1 + its non-zero entries, so it can never be freed
-    (reference §2.3, §9.1 S2)."""
+    (rules §2.3, §9.1 S2)."""
 
     bug = "extra table-page reference on a valid->valid (permission) update"
     reference = "§2.3 mm_ops refcounting, §9.1 S2"
@@ -313,7 +313,7 @@ class RelaxTakesExtraReference(_ClassicMutant):
 class LoggingWithoutWrprotect(_ClassicMutant):
     """Enabling dirty logging flushes the slot's TLB range but never
     write-protects the existing leaves: writes through them are never logged
-    (reference §4.2, §9.4 D1)."""
+    (rules §4.2, §9.4 D1)."""
 
     bug = "dirty logging enabled without write-protecting the slot"
     reference = "§4.2, §9.4 D1"
@@ -327,7 +327,7 @@ class LoggingWithoutWrprotect(_ClassicMutant):
 class LoggingWithoutFlush(_ClassicMutant):
     """Enabling dirty logging write-protects the leaves but skips
     ``kvm_flush_remote_tlbs_memslot``: cached writable translations survive
-    and guest writes through them are never logged (reference §4.2, §9.4 D1)."""
+    and guest writes through them are never logged (rules §4.2, §9.4 D1)."""
 
     bug = "dirty logging enabled without flushing the slot's TLB entries"
     reference = "§4.2, §9.4 D1"
@@ -340,7 +340,7 @@ class LoggingWithoutFlush(_ClassicMutant):
 
 class HarvestWithoutReprotect(_ClassicMutant):
     """``KVM_GET_DIRTY_LOG`` clears the bitmap but does not write-protect the
-    reported pages: the next write to them is not logged (reference §4.4,
+    reported pages: the next write to them is not logged (rules §4.4,
     §9.4 D3)."""
 
     bug = "get_dirty_log harvests without re-protecting the reported pages"
@@ -357,7 +357,7 @@ class HarvestWithoutReprotect(_ClassicMutant):
 class RelaxWithoutDirtyMark(_ClassicMutant):
     """A write permission fault on a read-only 4K page of a logging slot is
     fixed by ``relax_perms`` without ``mark_page_dirty`` (only the map path
-    marks): the page is writable and unlogged (reference §3.2 step 19, §4.3,
+    marks): the page is writable and unlogged (rules §3.2 step 19, §4.3,
     §9.4 D2)."""
 
     bug = "no dirty mark when a logging write fault is fixed by relax_perms"
@@ -398,7 +398,7 @@ class _WrprotectPtesOnlyPgTable(Stage2PgTable):
 
 class LoggingLeavesBlocksWritable(_ClassicMutant):
     """Write-protecting a slot for dirty logging skips block mappings: a 2 MiB
-    block stays writable while the slot is logged (reference §4.2, §9.4 D1/D5)."""
+    block stays writable while the slot is logged (rules §4.2, §9.4 D1/D5)."""
 
     bug = "write-protect for dirty logging skips blocks (a block stays writable while logging)"
     reference = "§4.2, §9.4 D1/D5"
@@ -410,7 +410,7 @@ class LoggingLeavesBlocksWritable(_ClassicMutant):
 class MapWithoutDcacheClean(_ClassicMutant):
     """A new cacheable leaf is published without clean+invalidate to PoC: a
     guest with its MMU or caches off reads what is in DRAM, not what the host
-    wrote through its cacheable alias (reference §6.2, §6.5 G-C1; §8 bug 2,
+    wrote through its cacheable alias (rules §6.2, §6.5 G-C1; §8 bug 2,
     "KVM: arm/arm64: Clean dcache to PoC when changing PTE due to CoW", 2018,
     Marc Zyngier)."""
 
@@ -435,7 +435,7 @@ class BlockCleansOnePage(_ClassicMutant):
     """A new block is cleaned+invalidated to PoC for ``PAGE_SIZE`` only, not
     for its whole granule: every other page of a 2 MiB block is exposed with
     whatever DRAM holds (for a fresh THP: never-written memory, the zeroes are
-    still in the cache) to a guest running with caches off (reference §6.2
+    still in the cache) to a guest running with caches off (rules §6.2
     "clean+invalidate to PoC of the whole granule (4K/2M/1G)", §6.5 G-C1,
     §9.6 C1)."""
 
@@ -449,7 +449,7 @@ class ToggleNoFlushOnEnable(_ClassicMutant):
     """``kvm_toggle_cache`` flushes only when the guest turns its caches off,
     not when it turns them on: lines the caches hold from before (a VMM write to
     a mapped page, a clean line under a non-cacheable guest write) are never
-    cleaned, so observers with caches off read stale DRAM (reference §6.3; the
+    cleaned, so observers with caches off read stale DRAM (rules §6.3; the
     second mutant suggested in §8 bug 19, TVM/toggle mistakes, 2019 and 2024)."""
 
     bug = "no stage2_flush_vm when the guest turns its MMU/caches on"
@@ -467,7 +467,7 @@ class ToggleNoFlushOnEnable(_ClassicMutant):
 class NoTvmAtVcpuInit(_ClassicMutant):
     """HCR_EL2.TVM is not armed at ``KVM_ARM_VCPU_INIT``: the guest's first
     SCTLR_EL1 write enabling its MMU and caches is not trapped, so no
-    ``stage2_flush_vm`` runs (reference §6.3; §8 bug 19: 2019 v1 of a
+    ``stage2_flush_vm`` runs (rules §6.3; §8 bug 19: 2019 v1 of a
     Christoffer Dall refactor, 2024 Sebastian Ott's HCR refactor)."""
 
     bug = "TVM not armed at vCPU init (no flush when the guest enables its caches)"
@@ -482,7 +482,7 @@ class SetWayIgnoredWithoutFwb(_ClassicMutant):
     """Trapped set/way operations are ignored even without FEAT_S2FWB (the FWB
     policy applied everywhere): no flush on the first one, and TVM is not
     re-armed, so the guest turning its caches off is not trapped either
-    (reference §6.4, §9.6 C4)."""
+    (rules §6.4, §9.6 C4)."""
 
     bug = "set/way ops ignored without FWB (no flush, TVM not re-armed)"
     reference = "§6.4, §6.5 G-C3, §9.6 C4"
@@ -496,7 +496,7 @@ class ExecWithoutIcacheInval(_ClassicMutant):
     """Pages become executable (on the first instruction fetch, by map or by
     relax_perms) without invalidating the I-cache: the walker behaves as if
     CTR_EL0.DIC were set while the fault path still grants X lazily, so the
-    guest executes stale instructions (reference §6.2, §6.5 G-C2, §9.6 C2)."""
+    guest executes stale instructions (rules §6.2, §6.5 G-C2, §9.6 C2)."""
 
     bug = "executable mapping without I-cache invalidation (DIC assumed)"
     reference = "§6.2, §6.5 G-C2, §9.6 C2"
@@ -511,7 +511,7 @@ class HarvestDropsLastWord(_ClassicMutant):
     """``KVM_GET_DIRTY_LOG`` copies the bitmap with its word count rounded
     down, ``(npages - 1) / 64`` where ``DIV_ROUND_UP(npages, 64)`` is meant:
     the last 64 pages of every slot are write-protected and cleared like the
-    rest but never reported, so the VMM never re-sends them (reference §4.4,
+    rest but never reported, so the VMM never re-sends them (rules §4.4,
     §9.4 D2: under-reporting is never allowed)."""
 
     bug = "dirty bitmap harvested one word short: the slot's last 64 pages are never reported"
@@ -531,7 +531,7 @@ class ThpAdjustReleasesHead(_ClassicMutant):
     tail-to-head reference transfer that ``transparent_hugepage_adjust`` did
     up to v6.6 (``release(tail); get_page(head)``), without the
     ``get_page(head)``. The head loses a reference it never had and the
-    faulting page keeps one for ever (reference §3.4, §3.2 step 20, §9.5 N6;
+    faulting page keeps one for ever (rules §3.4, §3.2 step 20, §9.5 N6;
     the transfer was dropped in 2023, "Do not transfer page refcount for THP
     adjustment")."""
 
@@ -547,7 +547,7 @@ class GupUnderMmuLock(_ClassicMutant):
     """The fault path takes ``mmu_lock`` before resolving the pfn, so GUP runs
     under it. GUP may sleep and may break copy-on-write, which raises MMU
     notifiers that take ``mmu_lock`` for write: a sleeping-in-atomic bug and
-    a deadlock (reference §3.2 steps 10-14: GUP first, then the lock and the
+    a deadlock (rules §3.2 steps 10-14: GUP first, then the lock and the
     ``mmu_invalidate_retry`` check; §7.1)."""
 
     bug = "GUP called with mmu_lock held (may sleep; its notifiers take the lock)"
@@ -567,7 +567,7 @@ class _CollapseLeakPgTable(Stage2PgTable):
 
 class CollapseLeaksSubtree(_ClassicMutant):
     """Table→block collapse (``TABLE_PRE`` in map) unlinks the old table but
-    never frees it, nor its children (reference §7.4; §8 bug 18, the "obvious
+    never frees it, nor its children (rules §7.4; §8 bug 18, the "obvious
     leak of table memory" in v4 of the parallel-faults series, Nov 2022, found
     by Ricardo Koller)."""
 
@@ -590,7 +590,7 @@ class _CollapseIpaTlbiPgTable(Stage2PgTable):
 class CollapseSingleIpaTlbi(_ClassicMutant):
     """Replacing a table by a block invalidates only the block's IPA at the
     block level: the 4K translations of the old table survive in the TLBs and
-    conflict with the new block (reference §8 bug 9, "KVM: arm64: Fix handling
+    conflict with the new block (rules §8 bug 9, "KVM: arm64: Fix handling
     of merging tables into a block entry", 2020, Yanan Wang; §9.3 T1/T3)."""
 
     bug = "table->block collapse with a single-IPA (block-level) TLBI"
@@ -612,7 +612,7 @@ class _NoBbmPgTable(Stage2PgTable):
 class NoBreakBeforeMake(_ClassicMutant):
     """A live entry is replaced by one with a different output (block→table
     split, table→block collapse, a new output address) without
-    break-before-make: no invalid step, no TLBI (reference §2.4, §9.3 T1)."""
+    break-before-make: no invalid step, no TLBI (rules §2.4, §9.3 T1)."""
 
     bug = "valid->valid change of output address without break-before-make"
     reference = "§1.5, §2.4, §9.3 T1"

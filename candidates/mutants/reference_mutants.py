@@ -1,8 +1,8 @@
 """Mutants of :mod:`candidates.reference` (issue: foundation).
 
 Each names the bug it reproduces and the property family expected to catch it
-(``expected_property``); the names are those of :mod:`conformance.monitors`
-and of the oracle checks in :mod:`conformance.machine`.
+(``expected_property``); the names are those of :mod:`conformance.platform.monitors`
+and of the oracle checks in :mod:`conformance.machines.sequential`.
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ class _NoTlbiPageTable(PageTable):
 
 
 class NoTlbiAfterUnmap(ReferenceCandidate):
-    """Unmap clears the leaf but never invalidates the TLB (reference §9.3 T2)."""
+    """Unmap clears the leaf but never invalidates the TLB (rules §9.3 T2)."""
 
     known_bug = True
     bug = "unmap leaves a stale TLB entry (no TLBI after clearing the leaf)"
@@ -48,7 +48,7 @@ class _NoCmoPageTable(PageTable):
 
 class NoCmoOnMap(ReferenceCandidate):
     """No clean+invalidate to PoC when a page is mapped: a guest with its
-    caches off reads stale memory (reference §6.5 G-C1, §8 bug 2)."""
+    caches off reads stale memory (rules §6.5 G-C1, §8 bug 2)."""
 
     known_bug = True
     bug = "new stage-2 mapping without clean+invalidate to PoC"
@@ -61,7 +61,7 @@ class NoCmoOnMap(ReferenceCandidate):
 
 class NoDirtyMark(ReferenceCandidate):
     """A logged write fault maps the page writable but never marks it dirty
-    (reference §4.3, §9.4 D2)."""
+    (rules §4.3, §9.4 D2)."""
 
     known_bug = True
     bug = "no mark_page_dirty on a writable install while logging"
@@ -91,7 +91,7 @@ class _RelaxInPlacePageTable(PageTable):
 
 class RelaxWithoutTlbi(ReferenceCandidate):
     """Permission relaxation updates the PTE in place without any TLBI: the
-    faulting vCPU keeps hitting its cached read-only entry (reference §7.5,
+    faulting vCPU keeps hitting its cached read-only entry (rules §7.5,
     §8 bug 14)."""
 
     known_bug = True
@@ -105,7 +105,7 @@ class RelaxWithoutTlbi(ReferenceCandidate):
 
 class LoggingWithoutWrprotect(ReferenceCandidate):
     """Enabling dirty logging does not write-protect existing mappings
-    (reference §4.2, §9.4 D1)."""
+    (rules §4.2, §9.4 D1)."""
 
     known_bug = True
     bug = "dirty logging enabled without write-protecting existing mappings"

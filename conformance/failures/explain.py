@@ -1,13 +1,13 @@
 """``stage2-conformance explain PROPERTY``: what a property family checks.
 
 The registry is built from the suite's own docstrings, so it cannot drift
-from what the code checks: the table in :mod:`conformance.monitors` (the
+from what the code checks: the table in :mod:`conformance.platform.monitors` (the
 monitor families) and the rules R1–R6 in :mod:`model.oracle` (what the oracle
 allows), plus the four families raised outside the monitors:
 ``guest-observation``, ``host-observation``, ``dirty-log-harvest`` (the
-oracle's comparisons in :mod:`conformance.machine`) and ``candidate-error``.
+oracle's comparisons in :mod:`conformance.machines.sequential`) and ``candidate-error``.
 
-Every family's text cites the reference (``reference-kvm-arm64-stage2.md``:
+Every family's text cites the suite's rules page (``docs/rules.md``:
 ``§N.M`` sections, invariants such as ``T1`` or ``D2`` from its §9, and KVM's
 cache-maintenance promises ``G-C1``–``G-C4`` from §6.5); :func:`explain`
 prints the cited invariants and section titles with the rule, so the
@@ -21,118 +21,120 @@ import textwrap
 
 import attrs
 
-#: The reference's invariants (§9) and KVM's cache-maintenance promises (§6.5),
-#: quoted so that ``explain`` can print what a family's text cites.
+#: Invariants of docs/rules.md §9 and KVM's cache-maintenance promises
+#: (rules §6.5), in the page's words, so that ``explain`` prints what a
+#: family's text cites. Keep them in step with docs/rules.md.
 INVARIANTS = {
-    'G-C1': 'At the moment a RAM page becomes guest-accessible through a new S2 mapping, the PoC holds the latest data written through host cacheable aliases up to that point (clean to PoC), and no stale clean lines for it remain (invalidate).',
-    'G-C2': 'Before any S2 leaf becomes executable, the I-cache has been invalidated to PoU for that granule after the data was cleaned (I/D coherence for data present at mapping time).',
-    'G-C3': 'When the guest changes SCTLR_EL1.{M,C} while TVM trapping is armed, and on the first set/way op, all guest RAM currently mapped at S2 is cleaned+invalidated to PoC before the guest continues.',
-    'G-C4': "After unmap (e.g. swap-out, migration via notifier), the page is clean to PoC so the host's subsequent DMA/cacheable access sees the guest's non-cacheable writes and cannot be shadowed by stale lines.",
-    'S1': 'Well-formed: every valid non-L3 entry is a table or a block at a level ≥ MIN_BLOCK_LEVEL; no L0 blocks (4K); every L3 valid entry has type=1; blocks/pages are aligned (IPA and OA aligned to the granule).',
-    'S2': 'Refcount: for every non-PGD table page T, `refcount(T) == 1 + #non-zero entries(T)` when quiescent; no table page is reachable from two parents; every allocated table page is reachable from the PGD, pending in an RCU free list, or in a memcache (no leaks).',
-    'S3': 'No LOCKED entries when quiescent; no entry other than 0, LOCKED (transient), owner annotations (pKVM), valid leaves, valid tables.',
-    'S4': 'Attribute encoding: every valid leaf has AF set at creation, SH=IS (non-LPA2), S2AP_R set (KVM never creates R-less guest mappings), MemAttr ∈ {Normal, NC, Device}; Device/NC leaves have XN; leaf prot round-trips through `pte_prot`.',
-    'S5': "Empty tables may exist (not required to be pruned), but unmap of a range that covers an entire table's span leaves no table page with zero entries reachable in that span (unmap prunes empty tables in POST order).",
-    'G1': 'Memslot fidelity: if `S2(ipa)` is valid then `slot(ipa>>12)` exists, is not being deleted, and the OA equals `pfn_of(hva(ipa))` as of the last completed invalidation for that hva (no stale mapping after an `invalidate_range_end` returns).',
-    'G2': 'Containment: a block leaf of size S at IPA base B maps only gfns that all belong to the same memslot, with `uaddr(B) ≡ B (mod S)` and host backing mapped at ≥ S contiguously (hugetlb/THP/PFNMAP).',
-    'G3': "Permission soundness: `S2(ipa)` writable ⇒ memslot not READONLY ∧ host mapping was writable when GUP ran (and no invalidation completed since, N2) ∧ (memslot not logging ∨ the gfn's dirty bit is set ∨ the installing vCPU is still inside its fault handler and will set it before resuming — D2). Executable ⇒ memory (not device/NC) ∧ (an instruction-fetch fault happened for this leaf or CTR_EL0.DIC).",
-    'G4': "Read-only memslots: guest writes (with syndrome) to RO slots produce `KVM_EXIT_MMIO` with `is_write=1` and never modify the slot's memory; writes without syndrome fail KVM_RUN with `ENOSYS` (or `KVM_EXIT_ARM_NISV` when enabled); reads/execs behave as RAM.",
-    'G5': 'Progress: a guest access to an IPA inside a valid memslot, with no concurrent invalidation and enough memory, eventually succeeds after a bounded number of faults (no livelock).',
-    'G6': 'Fault routing: faults outside memslots → MMIO exit (data) / prefetch abort injected (instruction) / data abort injected (S1PTW) / instruction skipped (cache maintenance op); IPA ≥ VM IPA size → external abort injected; ≥ PARange → address-size fault injected.',
-    'G7': 'Lazy remap is allowed: KVM may unmap more than requested (whole blocks) and rely on refaults; a correct model never requires a mapping to persist except that G5 holds.',
-    'T1': 'BBM: no CPU TLB ever holds, for one IPA, two different valid translations, or a translation whose OA/size/memtype differs from the current valid leaf unless the current leaf was installed after an invalidation that removed it (i.e. every valid→different-valid change goes through invalid + broadcast TLBI + DSB first).',
-    'T2': 'Removal: after `unmap`/notifier `invalidate_range_start` returns, no CPU TLB holds a translation for any IPA in the range; after `kvm_flush_remote_tlbs*` returns, none holds a writable entry for a wrprotected leaf.',
-    'T3': 'Table replacement: after a table PTE is replaced or cleared, no walk-cache or leaf entry for any IPA in its span survives (range/VMID flush) before the table page can be reused.',
-    'T4': 'Relaxation: after `relax_perms` on CPU c returns (any result 0/`-EAGAIN`), `TLB_c(ipa)` holds no entry with fewer permissions than the PTE. Other CPUs may still hold weaker entries (allowed).',
-    'T5': 'Invalid/AF=0 entries are never cached (model hardware rule); `mkyoung` and installs into empty slots need no TLBI.',
-    'T6': 'VMID tagging: TLBIs target the VMID of the page table being modified.',
-    'D1': 'Enabling: when `KVM_SET_USER_MEMORY_REGION` adding LOG_DIRTY_PAGES returns (non-INITIALLY_SET mode), no S2 leaf in the slot is writable and no TLB holds a writable entry for it.',
-    'D2': "No lost dirty page: for any guest write to gfn g in a logging slot that completes at time t, some harvest whose snapshot is taken at or after t reports g (or g is still set in the live bitmap at the end of the test). Sufficient implementation rule: every fault that makes a logging-slot leaf writable sets g's bit either (i) while still holding `mmu_lock` (≤v6.12; harvests need the write lock, so install+mark is atomic w.r.t. a harvest) or (ii) after the PTE is writable but before the vCPU resumes (v6.13+: after unlock). The forbidden interleaving is: mark → harvest (clears bit, write-protects) → install writable PTE.",
-    'D3': 'Harvest re-protect: after `KVM_GET_DIRTY_LOG` (or `KVM_CLEAR_DIRTY_LOG` in manual mode) returns, every gfn reported (cleared) is write-protected at S2 and flushed from all TLBs.',
-    'D4': 'Over-report allowed, under-report never; INITIALLY_SET reports all pages once.',
-    'D5': 'Granularity: while logging, no new leaf larger than 4K is created in the slot; existing blocks are RO (until split).',
-    'D6': 'RO memslots never appear dirty; S1PTW hardware updates of guest PTs appear dirty (page_fault_test expectations).',
-    'D7': 'Disabling logging does not invalidate correctness: later faults may recreate blocks (collapse), never with stale contents.',
-    'N1': 'After `invalidate_range_start(r)` returns, no S2 leaf maps any hva in r (for all memslots/aliases), and no TLB holds such a translation (T2). The host may then free/migrate/CoW the pages.',
-    'N2': 'Between start and end, no fault installs a mapping for r: any fault whose pfn lookup overlapped the invalidation retries (sequence/in_progress check under `mmu_lock`). A fault that checks for retry before taking the lock violates this.',
-    'N3': 'After `release`, the S2 is destroyed exactly once; concurrent/later notifier callbacks and walkers observe `pgt == NULL` and do nothing.',
-    'N4': 'Aging: `clear_flush_young`/`clear_young`/`test_young` return true iff some leaf in the range had AF=1 at walk time; `clear_*` clears AF on those leaves; only `clear_flush_young` flushes the VMID. No aging operation changes OA/permissions or unmaps.',
-    'N5': 'Host permission upgrades produce no KVM unmapping (no start/end for upgrades after 2023 rework); KVM upgrades S2 permissions only through its own faults.',
-    'N6': 'No page reference is held by S2 mappings: after a fault completes, the GUP reference count delta is zero.',
-    'C1': 'Before a cacheable leaf becomes valid, the target granule was cleaned+invalidated to PoC *after* the last host cacheable write.',
-    'C2': 'Before a leaf becomes executable (map with X, or relax adding X), the I-cache was invalidated to PoU for the granule after the D-side clean (PoU or PoC).',
-    'C3': 'After unmap of a cacheable leaf, the granule was cleaned+invalidated to PoC after the TLBI (order matters: CMO before TLBI would let the guest re-dirty lines).',
-    'C4': 'A guest change of SCTLR_EL1.{M,C} while TVM is armed, or the first set/way op, results in a full clean+invalidate of all S2-mapped guest RAM before the guest continues; TVM is armed at every vCPU reset.',
-    'C5': 'Split/create_unlinked perform no CMO and no TLBI for the new (unlinked) tables; only the BBM of the replaced block does TLBI.',
-    'L1': 'No shared walker ever writes an entry without a successful cmpxchg from the value it observed.',
-    'L2': 'A table page that was reachable while shared walkers may be running is not freed before an RCU grace period; exclusive-only frees may be immediate.',
-    'L3': 'The fault path never restructures tables (split/collapse/alloc) under a lock mode where other restructurers may run unless using BBM with LOCKED (pre-v6.2 model: never under read lock).',
-    'L4': 'Walkers that drop `mmu_lock` (resched) revalidate `mmu->pgt` and tolerate concurrent teardown.',
-    'L5': 'At EL2 (pKVM) no SHARED walk is accepted.',
+    'G-C1': 'When a RAM page first becomes guest-accessible through a new stage-2 mapping, PoC holds everything the host wrote to it through cacheable aliases and no stale line for it remains (clean+invalidate).',
+    'G-C2': 'Before a stage-2 leaf becomes executable, the instruction cache has been invalidated to PoU over its granule, after the data side was cleaned, so instruction fetches see what memory held when the mapping was made.',
+    'G-C3': 'A trapped guest change of `SCTLR_EL1.{M,C}` while TVM is armed, and the first set/way op, clean and invalidate to PoC all guest RAM currently mapped at stage 2 before the guest continues.',
+    'G-C4': 'After a page is unmapped from stage 2 (swap-out, migration, any notifier unmap) it is clean to PoC, so later cacheable host reads and DMA see what the guest wrote with its caches off.',
+    'S1': "Every valid entry at L0–L2 is a table or, at L1–L2 only, a block; every valid L3 entry has the page type bit; every leaf's IPA and output address are aligned to its size.",
+    'S2': 'When quiescent, each non-root table page has refcount 1 + its non-zero entries and a single parent, and every allocated table page is reachable from the root, waiting for an RCU grace period, or in a memcache: nothing leaks.',
+    'S3': 'When quiescent, no entry is LOCKED, and every entry is zero, an owner annotation (pKVM), a valid leaf or a valid table.',
+    'S4': 'Every leaf KVM creates has AF set, is Inner-Shareable, has read permission, has MemAttr Normal, Normal-NC or Device (XN for the last two), and decodes back to the protection requested.',
+    'S5': "Empty tables may remain, but an unmap covering a table's whole span leaves no empty table reachable in it (pruned in post-order).",
+    'G1': "Stage 2 maps an IPA only inside a live memslot (not being deleted), and to the page the host backs that gfn's hva with as of the last completed invalidation of that hva.",
+    'G2': 'A block of size S at IPA B lies entirely in one memslot, has its gfn and hva congruent modulo S, and is backed by at least S of contiguous, S-aligned host memory (THP, hugetlb or PFNMAP).',
+    'G3': "A leaf is writable only if the memslot is writable, the host PTE was writable when GUP ran with no invalidation completed since (N2), and, in a logging slot, its gfn is marked dirty or will be before the installing vCPU resumes (D2); it is executable only for Normal memory and, by KVM's policy, after an instruction fetch or with `CTR_EL0.DIC`.",
+    'G4': 'A guest write with a valid syndrome to a read-only memslot exits to the VMM as an MMIO write and leaves memory unchanged (without a syndrome `KVM_RUN` fails with `ENOSYS`, or exits `KVM_EXIT_ARM_NISV` when enabled); reads and fetches behave as RAM.',
+    'G5': 'An access to an IPA inside a memslot, with no invalidation running and memory available, completes after a bounded number of stage-2 faults.',
+    'G6': "Outside every memslot a data access exits as MMIO, a fetch gets a prefetch abort, a stage-1 walk a data abort, and a cache-maintenance instruction is skipped; beyond the VM's IPA size an external abort is injected, beyond PARange an address-size fault.",
+    'G7': 'KVM may unmap more than asked (whole blocks) and rely on re-faults: no mapping has to persist beyond what G5 needs.',
+    'T1': 'BBM: no TLB ever holds two different valid translations for one IPA, or one whose output, size or memory type differs from the current leaf; every such change goes invalid → broadcast TLBI (+DSB) → new entry.',
+    'T2': 'When an unmap or `invalidate_range_start` returns, no TLB translates any IPA of the range; when the flush after a write-protect returns, no TLB holds a writable entry for a protected leaf.',
+    'T3': 'When a table entry is cleared or replaced, no walk-cache or leaf entry for any IPA in the span it covered survives (range or VMID-wide invalidation), and the table page is not freed or reused before that.',
+    'T4': "When `relax_perms` returns on a CPU, with 0 or `-EAGAIN`, that CPU's TLB holds no entry for the IPA with fewer permissions than the leaf; other CPUs may still hold weaker entries.",
+    'T5': 'Invalid and AF=0 entries are never cached, so setting AF and filling an empty entry need no TLBI.',
+    'T6': 'Every TLBI targets the VMID of the page table being changed.',
+    'D1': 'By the time the memslot update that turns logging on returns (without `INITIALLY_SET`), every stage-2 leaf of the slot is read-only and no TLB still grants write access to any of its pages.',
+    'D2': 'Every completed guest write to a logged gfn is reported by a harvest whose snapshot is taken after it, or is still in the bitmap at the end; it suffices that every fault making a logging-slot leaf writable marks the gfn under `mmu_lock` (≤v6.12) or after unlocking but before the vCPU resumes (v6.13+) — the forbidden order is mark → harvest (clears and protects) → install writable.',
+    'D3': 'When `KVM_GET_DIRTY_LOG` (or `KVM_CLEAR_DIRTY_LOG` in manual mode) returns, every gfn it reported or cleared is write-protected at stage 2 and flushed from every TLB.',
+    'D4': 'Harvests may report gfns that were not written, never omit one that was; with `INITIALLY_SET` every page is reported once.',
+    'D5': 'While a slot logs, no leaf larger than 4 KiB is created in it, and a block left from before stays read-only until it is split.',
+    'D6': 'Read-only memslots are never reported dirty; hardware stage-1 walk updates (AF/DBM) to guest page tables are.',
+    'D7': 'Turning logging off is always safe: later faults may rebuild blocks by collapse, never with stale contents.',
+    'N1': 'When `invalidate_range_start` returns, no stage-2 leaf, in any memslot or alias, maps an hva of the range and no TLB holds such a translation, so the host may free, move or copy-on-write the pages.',
+    'N2': 'Between `invalidate_range_start` and `_end` no fault installs a mapping for the range: a fault whose pfn lookup overlapped the invalidation sees the sequence or in-progress count change under `mmu_lock` and retries (a check before taking the lock is not enough).',
+    'N3': '`release` tears the stage 2 down exactly once, and every later notifier callback or walker finds no page table and does nothing.',
+    'N4': 'The aging calls report young exactly when some leaf in the range had AF set; the clearing forms clear only AF; only `clear_flush_young` flushes the VMID; no aging call changes an output, a permission or a mapping.',
+    'N5': "A host permission upgrade causes no stage-2 unmapping; stage-2 permissions grow only through KVM's own faults.",
+    'N6': 'Stage-2 mappings hold no page references: every reference GUP takes during a fault is dropped before the fault handler returns.',
+    'C1': "Before a cacheable leaf becomes valid, its whole granule is cleaned and invalidated to PoC after the host's last cacheable write to it.",
+    'C2': "Before a leaf becomes executable (mapped with X, or relaxed to gain X), its granule's I-cache lines are invalidated to PoU, after the data side was cleaned.",
+    'C3': 'After a cacheable leaf is unmapped, its granule is cleaned and invalidated to PoC after the TLBI, not before (a clean before the TLBI lets the guest dirty the lines again).',
+    'C4': 'TVM is armed at every vCPU reset, and a trapped change of `SCTLR_EL1.{M,C}` or the first set/way op with TVM clear cleans and invalidates all guest RAM mapped at stage 2 before the guest continues.',
+    'C5': 'Splitting a block and building an unlinked subtree do no CMO and no TLBI for the new tables; only the break of the replaced block invalidates.',
+    'L1': 'A shared (read-lock) walker changes an entry only by a successful compare-and-exchange from the value it read.',
+    'L2': 'A table that shared walkers could have reached is freed only after an RCU grace period; one that only exclusive walkers could see may be freed at once.',
+    'L3': 'The fault path restructures tables (allocate, split, collapse) only where no other restructurer can run, or through break-before-make with the LOCKED marker (v6.2+; before v6.2 never under the read lock).',
+    'L4': 'A walker that drops `mmu_lock` to reschedule re-reads the page-table root afterwards and copes with it being gone.',
+    'L5': 'No shared walk runs at EL2 (pKVM), which has no RCU.',
 }
-#: Section titles of the reference, for the sections the families cite.
+#: Section titles of docs/rules.md, for the sections the families cite.
 SECTIONS = {
-    '0': 'Provenance (what was actually read)',
+    '0': 'Sources',
     '1': 'Stage-2 descriptor format (4 KiB granule)',
     '1.1': 'Geometry',
-    '1.2': 'Descriptor bit layout as KVM uses it (non-LPA2, 4K)',
-    '1.3': '`enum kvm_pgtable_prot` → descriptor (`stage2_set_prot_attr`)',
+    '1.2': 'Descriptor bits KVM uses',
+    '1.3': 'From protection flags to descriptor bits',
     '1.4': 'Invalid descriptors',
-    '1.5': 'Hardware walk, TLB caching rules, and what the ESR tells KVM',
-    '2': 'The `kvm_pgtable` walker framework (`arch/arm64/kvm/hyp/pgtable.c`)',
-    '2.1': 'Objects',
-    '2.2': 'Walk algorithm (paraphrase)',
-    '2.3': '`mm_ops` contract',
-    '2.4': 'Break-before-make primitives',
+    '1.5': 'Hardware rules and the fault syndrome',
+    '2': 'The kvm_pgtable walker (arch/arm64/kvm/hyp/pgtable.c)',
+    '2.1': 'Objects and walk flags',
+    '2.2': 'Walk algorithm',
+    '2.3': 'mm_ops and the refcount rule',
+    '2.4': 'Break-before-make and the TLBI each change needs',
     '2.5': 'Operations',
     '2.5.1': 'Operation summary (v6.12)',
-    '2.6': 'TLB invalidation primitives (hyp side, `arch/arm64/kvm/hyp/{vhe,nvhe}/tlb.c`)',
-    '3': 'The fault path (`arch/arm64/kvm/mmu.c`)',
-    '3.1': '`kvm_handle_guest_abort(vcpu)` decision tree (v6.6; later deltas in brackets)',
-    '3.2': '`user_mem_abort()` step by step (v6.6, with v6.13+ deltas)',
-    '3.2.1': 'Install decision table (what the fault path does to the S2)',
-    '3.3': 'Huge-mapping eligibility (`fault_supports_stage2_huge_mapping`)',
-    '3.4': 'THP adjustment (`transparent_hugepage_adjust`, `get_user_mapping_size`)',
-    '3.5': 'Device / MMIO mappings',
-    '3.6': '`handle_access_fault`',
+    '2.6': 'TLB invalidation primitives',
+    '3': 'The fault path (arch/arm64/kvm/mmu.c)',
+    '3.1': 'kvm_handle_guest_abort',
+    '3.2': 'user_mem_abort, step by step',
+    '3.2.1': 'What the fault path does to the tables',
+    '3.3': 'Huge-mapping eligibility',
+    '3.4': 'THP adjustment and GUP references',
+    '3.5': 'Device and MMIO mappings',
+    '3.6': 'Access-flag faults',
     '4': 'Dirty logging',
     '4.1': 'State and configuration',
-    '4.2': 'Enabling (`kvm_arch_commit_memory_region`, v6.4+)',
-    '4.3': 'Fault behaviour while logging',
-    '4.4': '`KVM_GET_DIRTY_LOG` (`kvm_get_dirty_log_protect`, under `slots_lock`)',
-    '4.5': '`KVM_CLEAR_DIRTY_LOG` and `kvm_arch_mmu_enable_log_dirty_pt_masked`',
-    '4.6': 'Disabling',
-    '4.7': 'Guarantees userspace relies on (model invariants D1–D6 in §9)',
-    '5': 'MMU notifiers (`virt/kvm/kvm_main.c`, `include/linux/mmu_notifier.h`)',
-    '5.1': 'Generic machinery (v6.6 text; v6.8+ switched the tracked range to gfns)',
-    '5.2': 'arm64 handlers (`arch/arm64/kvm/mmu.c`)',
-    '5.3': 'The teardown race (historical)',
-    '5.4': '"Notify on PTE permission upgrades" (Alistair Popple, May 2023) and why KVM must not zap on upgrades',
+    '4.2': 'Turning logging on',
+    '4.3': 'Faults while logging',
+    '4.4': 'KVM_GET_DIRTY_LOG',
+    '4.5': 'KVM_CLEAR_DIRTY_LOG and the masked write-protect',
+    '4.6': 'Turning logging off',
+    '4.7': 'What userspace may rely on',
+    '5': 'MMU notifiers (virt/kvm/kvm_main.c)',
+    '5.1': 'The generic sequence',
+    '5.2': 'The arm64 handlers',
+    '5.3': 'The teardown race',
+    '5.4': 'Host permission upgrades',
     '6': 'Cache maintenance',
-    '6.1': 'Why it is needed (non-FWB hardware)',
-    '6.2': 'What KVM does (v6.x)',
-    '6.3': 'TVM trapping and `kvm_toggle_cache`',
-    '6.4': 'Set/way operations (`access_dcsw`, `kvm_set_way_flush`)',
-    '6.5': "What KVM promises vs. what remains userspace's job",
-    '7': 'Concurrency design',
-    '7.1': 'Locks and who holds what (v6.2–v6.12 unless noted)',
-    '7.2': 'Concurrent actors and allowed races',
-    '7.3': 'RCU-protected traversal ("Protect stage-2 traversal with RCU", v6.2)',
-    '7.4': 'The unlinked-subtree (table-collapse) problem',
-    '7.5': 'The fast-path permission-relaxation question',
-    '7.6': 'pKVM and EL2 (no RCU)',
-    '8': 'Historical real bugs / fixes',
-    '9': 'Properties a correct implementation guarantees (checkable invariants)',
-    '9.1': 'Structural (page-table shape)',
-    '9.2': 'Translation correctness (guest-visible)',
-    '9.3': 'TLB / break-before-make',
-    '9.4': 'Dirty logging',
-    '9.5': 'MMU notifier coherence (host-visible)',
-    '9.6': 'Cache maintenance (non-FWB model; FWB: C1/C3/C4 vacuous)',
-    '9.7': 'Concurrency',
-    '9.8': 'Selftest oracles to mirror',
-    '9.9': 'Suggested executable-model structure (hints)',
-    '10': 'Open questions / uncertainties',
+    '6.1': 'Why it is needed without FWB',
+    '6.2': 'What KVM cleans, and when',
+    '6.3': 'TVM trapping and kvm_toggle_cache',
+    '6.4': 'Set/way operations',
+    '6.5': "KVM's promises and the VMM's share",
+    '6.6': 'The gap: pages dropped by a map-time block split are not cleaned',
+    '7': 'Concurrency',
+    '7.1': 'Locks',
+    '7.2': 'Who races with whom',
+    '7.3': 'RCU-protected walks',
+    '7.4': 'Collapsing a table others may be walking',
+    '7.5': 'Permission relaxation without broadcast',
+    '7.6': 'pKVM and EL2',
+    '8': 'Real bugs the rules come from',
+    '9': 'Invariants',
+    '9.1': 'Structure (S)',
+    '9.2': 'Guest-visible translation (G)',
+    '9.3': 'TLB and break-before-make (T)',
+    '9.4': 'Dirty logging (D)',
+    '9.5': 'MMU notifiers (N)',
+    '9.6': 'Cache maintenance (C)',
+    '9.7': 'Concurrency (L)',
+    '9.8': 'Selftest oracles',
+    '9.9': 'Model structure',
+    '10': 'Open points',
 }
 
 
@@ -200,7 +202,7 @@ def _clean(text: str) -> str:
 
 
 def monitor_families(doc: str | None = None) -> dict[str, str]:
-    """The ``name -> text`` table of :mod:`conformance.monitors`' docstring
+    """The ``name -> text`` table of :mod:`conformance.platform.monitors`' docstring
     (an RST simple table: a row starts with ````name````, continuation lines
     are indented)."""
     if doc is None:
@@ -311,11 +313,11 @@ def explain(name: str) -> str | None:
         invariants += [i for i in cited_invariants(t) if i not in invariants]
         sections += [s for s in cited_sections(t) if s not in sections]
     if invariants:
-        lines += ["", "reference invariants cited:"]
+        lines += ["", "invariants cited (docs/rules.md §9):"]
         for ident in invariants:
             lines += _wrap(f"{ident:<5} {INVARIANTS[ident]}", "  ", "        ")
     if sections:
-        lines += ["", "reference sections (reference-kvm-arm64-stage2.md):"]
+        lines += ["", "sections cited (docs/rules.md):"]
         for sec in sections:
             title = SECTIONS.get(sec) or SECTIONS.get(sec.split(".")[0], "")
             lines.append(f"  §{sec:<6} {title}".rstrip())

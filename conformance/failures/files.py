@@ -54,7 +54,7 @@ def written_since(mark: int) -> list[tuple[str, str]]:
 
 
 def last_report(json_path: str | Path):
-    """The :class:`conformance.report.Report` last written to ``json_path`` in
+    """The :class:`conformance.failures.report.Report` last written to ``json_path`` in
     this process, or ``None``."""
     return _reports.get(str(json_path))
 
@@ -109,7 +109,7 @@ def write_failure(machine, failure: ConformanceFailure, *, settings: dict | None
     """Write the replay JSON and the Markdown report; never raises.
     ``settings`` defaults to the running Hypothesis test's (kept on the
     machine as ``run_settings`` for a later rewrite); ``deleted_steps`` is
-    what :mod:`conformance.polish` removed."""
+    what :mod:`conformance.failures.polish` removed."""
     if _suspended:
         return None
     path = None
@@ -151,7 +151,7 @@ def write_import_error(name: str, error: Exception) -> Path | None:
 
 
 def markdown_report(doc: dict, machine=None) -> str:
-    """The Markdown report of a replay document (see :mod:`conformance.report`)."""
+    """The Markdown report of a replay document (see :mod:`conformance.failures.report`)."""
     if machine is not None and not doc.get("state"):
         failure = doc["failure"]
         calls = [(s["rule"], s["args"]) for s in doc["steps"]]

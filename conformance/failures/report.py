@@ -68,7 +68,7 @@ class Report:
     replay_path: str | None = None
     report_path: str | None = None
     caches: list[str] = attrs.Factory(list)
-    #: Steps :mod:`conformance.polish` deleted from Hypothesis's shrunk program.
+    #: Steps :mod:`conformance.failures.polish` deleted from Hypothesis's shrunk program.
     deleted_steps: int = 0
 
     @property

@@ -206,7 +206,7 @@ def tlb_lines(platform, ipas: Iterable[int]) -> list[str]:
 def cache_lines(platform, ipas: Iterable[int], origin: dict | None = None) -> list[str]:
     """The data and instruction cache state of every physical page behind
     ``ipas``: the page the stage-2 tables map and the host page behind the
-    gfn's hva, when they differ both (reference §6.1)."""
+    gfn's hva, when they differ both (rules §6.1)."""
     origin = origin or {}
 
     def value(v) -> str:

@@ -77,7 +77,7 @@ class Stage2Machine(Boot, RuleBasedStateMachine):
     # -------------------------------------------------------- observations
     def record_observation(self, where: tuple, allowed, got) -> None:
         """Remember what an observer saw and what the oracle allowed in this
-        step, for the failure report (:mod:`conformance.report`). ``where`` is
+        step, for the failure report (:mod:`conformance.failures.report`). ``where`` is
         ``(vcpu, kind, ipa)`` for a guest access and ``("vmm", "read", hva)``
         for a VMM read; ``allowed`` is the oracle's set, ``got`` the
         observation (formatted only when a report is written)."""
@@ -304,7 +304,7 @@ class Stage2Machine(Boot, RuleBasedStateMachine):
             raise PropertyViolation(
                 "dirty-log-harvest", f"get_dirty_log(slot {slot.id}) lost dirty gfn(s) "
                 f"{gfns}: the guest wrote them since logging was enabled or last "
-                "harvested, but they were not reported (reference §4.7, §9.4 D2)")
+                "harvested, but they were not reported (rules §4.7, §9.4 D2)")
 
     def _memslot_delete(self, which):
         old = self._slot(which)
@@ -347,7 +347,7 @@ class Stage2Machine(Boot, RuleBasedStateMachine):
     def teardown(self):
         """The VMM exits: ``exit_mmap`` raises the notifier ``release``, then
         the VM is destroyed and every table page and GUP reference must be
-        gone (reference §5.2, §9.1 S2, §9.5 N3/N6)."""
+        gone (rules §5.2, §9.1 S2, §9.5 N3/N6)."""
         if self.platform is None or self.failed:
             return
         label = f"{self.steps + 1}: teardown (exit_mmap release, destroy, leak checks)"

@@ -166,7 +166,7 @@ class Platform(CandidateCalls, Mmu, HostEvents):
 
     def _vmid_dead(self) -> None:
         """No vCPU runs once the VM is being torn down; KVM relies on VMID
-        rollover instead of TLBIs (reference §5.2), which empties the TLBs, and
+        rollover instead of TLBIs (rules §5.2), which empties the TLBs, and
         frees the detached tree without clearing entries first."""
         self.vmid_dead = True
         for tlb in self.tlbs:

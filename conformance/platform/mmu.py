@@ -98,7 +98,7 @@ class Mmu:
         if not leaf.af:
             if not self.config.hw_af:
                 return GuestAbort(page_down(ipa), FaultKind.ACCESS_FLAG, leaf.level)
-            # VTCR_EL2.HA: the walker sets AF atomically (reference §1.5 rule 6).
+            # VTCR_EL2.HA: the walker sets AF atomically (rules §1.5 rule 6).
             self.counters["hw AF updates"] += 1
             self.store_pte(result.ptep, path[-1].pte | d.AF, who="hardware AF update")
             leaf = attrs.evolve(leaf, af=True)
@@ -144,7 +144,7 @@ class Mmu:
             if not cacheable:
                 # Adversarial: the cacheable alias has just pulled the old value
                 # in, so the non-cacheable store leaves a stale clean line
-                # behind (reference §6.1 hazard b).
+                # behind (rules §6.1 hazard b).
                 line = cache.speculative_fill(line)
             line = cache.cacheable_write(line, value) if cacheable else cache.nc_write(line, value)
             self.mem.set_line(pfn, line)

@@ -1,4 +1,4 @@
-"""Architecture-level safety monitors (DESIGN §2; reference §9).
+"""Architecture-level safety monitors (DESIGN §2; rules §9).
 
 They run on platform events, independently of the oracle, and raise a
 :class:`~conformance.errors.PropertyViolation` naming the property family:
@@ -42,7 +42,7 @@ from model.memory import PageUse
 
 _SIZE = {1: "1 GiB block", 2: "2 MiB block", 3: "4 KiB page"}
 
-#: Bits a live leaf may change without break-before-make (reference §1.5 rule 2).
+#: Bits a live leaf may change without break-before-make (rules §1.5 rule 2).
 ATTR_ONLY = d.S2_PERMS | d.AF | d.SW_MASK
 
 
@@ -68,7 +68,7 @@ class Monitors:
                 self.fail("break-before-make",
                           f"IPA {ipa:#x} L{level}: live {d.describe(old, level)} replaced "
                           f"by {d.describe(new, level)} without break-before-make "
-                          "(invalid + TLBI first; reference §2.4, §9.3 T1)")
+                          "(invalid + TLBI first; rules §2.4, §9.3 T1)")
         if d.is_valid(old) and d.is_table(old, level):
             self.p.unlink(d.pte_pa(old) >> 12, level + 1)
         self._note_transition(pfn, idx, level, old, new)
@@ -120,7 +120,7 @@ class Monitors:
                               f"new {d.describe(leaf.encode(), leaf.level)} at IPA {ipa:#x} "
                               f"while vCPU{vcpu}'s TLB still holds {e.describe()}: the old "
                               "translation was never invalidated (missing or too narrow "
-                              "TLBI; reference §9.3 T1/T3)")
+                              "TLBI; rules §9.3 T1/T3)")
 
     def _check_fidelity(self, ipa: int, leaf: d.Leaf, fresh: bool) -> None:
         p = self.p
@@ -130,16 +130,16 @@ class Monitors:
         what = f"{d.describe(leaf.encode(), leaf.level)} at IPA {ipa:#x}"
         if slot is None or gfn0 + npages > slot.end_gfn:
             self.fail("memslot-fidelity", f"{what} covers gfns outside any single memslot "
-                      "(reference §3.3, §9.2 G2)")
+                      "(rules §3.3, §9.2 G2)")
         if d.memtype_of(leaf.memattr, p.config.fwb) is not d.MemType.NORMAL:
             self.fail("memslot-fidelity", f"{what}: guest RAM must be mapped Normal")
         if leaf.write and slot.readonly:
             self.fail("memslot-fidelity", f"{what} is writable in read-only memslot "
-                      f"{slot.id} (reference §9.2 G3/G4)")
+                      f"{slot.id} (rules §9.2 G3/G4)")
         if slot.is_logging and leaf.level < 3 and (fresh or leaf.write):
             self.fail("dirty-logging", f"{what}: a {'writable ' if leaf.write else ''}block "
                       f"in memslot {slot.id} while dirty logging is on (only 4K leaves, "
-                      "reference §4.3, §9.4 D5)")
+                      "rules §4.3, §9.4 D5)")
         for i in range(npages):
             hva = slot.gfn_to_hva(gfn0 + i)
             pte = p.host.pte(hva)
@@ -149,17 +149,17 @@ class Monitors:
                 self.fail("memslot-fidelity",
                           f"{what} maps gfn {gfn0 + i:#x} (hva {hva:#x}) to PA {pa:#x}, "
                           f"but the host maps that hva to {host} "
-                          "(reference §3.3, §9.2 G1)")
+                          "(rules §3.3, §9.2 G1)")
             if leaf.write and not pte.writable:
                 self.fail("memslot-fidelity",
                           f"{what} is writable but the host page at hva {hva:#x} is "
-                          "read-only (KSM/copy-on-write or mprotect; reference §9.2 G3)")
+                          "read-only (KSM/copy-on-write or mprotect; rules §9.2 G3)")
             for rng in p.notifiers_in_progress:
                 if rng.start <= hva < rng.end and rng.event is not NotifierEvent.PROTECTION_UPGRADE:
                     self.fail("stale-translation",
                               f"{what} installed for hva {hva:#x} between "
                               f"invalidate_range_start and _end ({rng.event.value}; "
-                              "the fault must retry, reference §9.5 N2)")
+                              "the fault must retry, rules §9.5 N2)")
         if slot.is_logging and leaf.write:
             self.pending_dirty.add((slot.id, gfn0))
 
@@ -176,7 +176,7 @@ class Monitors:
                       f"vCPU{vcpu} wrote gfn {gfn:#x} in logging memslot {slot.id} through "
                       f"{entry.describe()} but the gfn is not marked dirty: a writable "
                       "translation exists while logging without a dirty mark "
-                      "(reference §9.4 D2/D3)")
+                      "(rules §9.4 D2/D3)")
 
     def on_table_freed(self, pfn: int) -> None:
         if pfn in self.p.reachable and self.p.mem.page_use(pfn) is not PageUse.PGD \
@@ -189,7 +189,7 @@ class Monitors:
                 self.fail("table-lifecycle",
                           f"table page PA {pfn << 12:#x} freed while vCPU{vcpu}'s walk cache "
                           f"still points to it (L{entry.level} entry for IPA {entry.ipa:#x}); "
-                          "it was never covered by a TLBI (reference §9.3 T3)")
+                          "it was never covered by a TLBI (rules §9.3 T3)")
 
     # ------------------------------------------------------- after calls
     def after_call(self, method: str) -> None:
@@ -200,18 +200,18 @@ class Monitors:
             entries = p.mem.tables[pfn]
             if d.INVALID_PTE_LOCKED in entries:
                 self.fail("refcount", f"{method}() returned leaving a LOCKED entry in table "
-                          f"PA {pfn << 12:#x} (reference §9.1 S3)")
+                          f"PA {pfn << 12:#x} (rules §9.1 S3)")
             want = 1 + sum(1 for e in entries if e)
             if p.mem.refcount[pfn] != want:
                 self.fail("refcount", f"table page PA {pfn << 12:#x} has refcount "
                           f"{p.mem.refcount[pfn]} but 1 + {want - 1} non-zero entries after "
-                          f"{method}() (reference §2.3, §9.1 S2)")
+                          f"{method}() (rules §2.3, §9.1 S2)")
         self.touched.clear()
         for slot_id, gfn in sorted(self.pending_dirty):
             if slot_id in p.dirty and gfn not in p.dirty[slot_id]:
                 self.fail("dirty-logging", f"{method}() made gfn {gfn:#x} writable in logging "
                           f"memslot {slot_id} but did not mark it dirty "
-                          "(reference §4.3, §9.4 D2)")
+                          "(rules §4.3, §9.4 D2)")
         self.pending_dirty.clear()
         if p.mmu_lock_writer or p.mmu_lock_readers:
             self.fail("locking", f"{method}() returned with mmu_lock held")
@@ -221,21 +221,21 @@ class Monitors:
         if refs:
             pas = ", ".join(f"PA {pfn << 12:#x}" for pfn in sorted(refs)[:4])
             self.fail("host-page-refs", f"{method}() returned still holding GUP references "
-                      f"on {pas} (reference §3.2 step 20, §9.5 N6)")
+                      f"on {pas} (rules §3.2 step 20, §9.5 N6)")
 
     def _check_unmapped(self, start: int, end: int, why: str) -> None:
         for step, leaf in self.p.leaves(start, end):
             self.fail("stale-translation", f"{why}, stage 2 still maps "
                       f"{d.describe(step.pte, step.level)} at IPA {step.ipa:#x} "
-                      "(reference §9.5 N1)")
+                      "(rules §9.5 N1)")
         for vcpu, tlb in enumerate(self.p.tlbs):
             for e in tlb.overlapping(start, end):
                 self.fail("stale-translation", f"{why}, vCPU{vcpu}'s TLB still holds "
-                          f"{e.describe()} (reference §9.3 T2)")
+                          f"{e.describe()} (rules §9.3 T2)")
 
     def after_invalidate_start(self, rng: NotifierRange) -> None:
         if rng.event is NotifierEvent.PROTECTION_UPGRADE:
-            return  # no KVM-visible obligation (reference §5.4, §9.5 N5)
+            return  # no KVM-visible obligation (rules §5.4, §9.5 N5)
         for slot, lo, hi in self.p.ipa_ranges(rng.start, rng.end):
             self._check_unmapped(lo, hi, f"after invalidate_range_start({rng.event.value}, "
                                  f"hva {rng.start:#x}-{rng.end:#x}) returned")
@@ -258,7 +258,7 @@ class Monitors:
         if young != expected:
             self.fail("aging", f"{op}(hva {rng.start:#x}-{rng.end:#x}) returned {young}, "
                       f"but {'some' if expected else 'no'} leaf in range had AF set "
-                      "(reference §9.5 N4)")
+                      "(rules §9.5 N4)")
         after = {ipa: leaf for slot, lo, hi in self.p.ipa_ranges(rng.start, rng.end)
                  for step, leaf in ((s, l) for s, l in self.p.leaves(lo, hi))
                  for ipa in (step.ipa,)}
@@ -271,17 +271,17 @@ class Monitors:
                 shown = "nothing" if now is None else d.describe(now.encode(), now.level)
                 self.fail("aging", f"{op} changed IPA {ipa:#x} from "
                           f"{d.describe(leaf.encode(), leaf.level)} to {shown}: aging may only "
-                          "clear AF (reference §9.5 N4)")
+                          "clear AF (rules §9.5 N4)")
 
     def after_memslot(self, old, new, change: MemslotChange) -> None:
         if change in (MemslotChange.DELETE, MemslotChange.MOVE):
             self._check_unmapped(old.base_gfn << 12, old.end_gfn << 12,
                                  f"after memslot {old.id} {change.value}")
         if new is not None and new.is_logging and not (old is not None and old.is_logging):
-            self._check_protected(new, "enabling dirty logging (reference §4.2, §9.4 D1)")
+            self._check_protected(new, "enabling dirty logging (rules §4.2, §9.4 D1)")
 
     def after_harvest(self, slot) -> None:
-        self._check_protected(slot, "get_dirty_log (reference §4.4, §9.4 D3)")
+        self._check_protected(slot, "get_dirty_log (rules §4.4, §9.4 D3)")
 
     def _check_protected(self, slot, why: str) -> None:
         lo, hi = slot.base_gfn << 12, slot.end_gfn << 12
@@ -298,13 +298,13 @@ class Monitors:
 
     # ------------------------------------------------ cache maintenance (C4)
     def after_vcpu_init(self, vcpu: int) -> None:
-        """TVM is armed at every vCPU reset without FWB (reference §6.3, §9.6 C4)."""
+        """TVM is armed at every vCPU reset without FWB (rules §6.3, §9.6 C4)."""
         if not self.p.config.fwb and not self.p.tvm[vcpu]:
             self.fail("cache-maintenance",
                       f"vCPU{vcpu} was reset without HCR_EL2.TVM armed (no FWB): the "
                       "guest's SCTLR_EL1 write turning its MMU and caches on will not "
                       "trap, so nothing cleans+invalidates guest RAM at that point "
-                      "(reference §6.3, §9.6 C4)")
+                      "(rules §6.3, §9.6 C4)")
 
     def mapped_cacheable(self) -> frozenset[tuple[int, int, int]]:
         """``(ipa, pa, size)`` of every cacheable leaf in the stage-2 tree."""
@@ -316,7 +316,7 @@ class Monitors:
             if d.memtype_of(leaf.memattr, False) is d.MemType.NORMAL)
 
     def check_full_flush(self, before, why: str) -> None:
-        """``stage2_flush_vm`` (reference §6.3-§6.5 G-C3, §9.6 C4): every
+        """``stage2_flush_vm`` (rules §6.3-§6.5 G-C3, §9.6 C4): every
         cacheable leaf mapped before or after the call was cleaned+invalidated
         to PoC during it. Unmapping instead of cleaning is allowed, since the
         unmap must clean after its TLBI anyway (C3)."""
@@ -331,7 +331,7 @@ class Monitors:
                           f"invalidating PA {missing:#x} (mapped at IPA "
                           f"{ipa + missing - pa:#x}) to PoC: lines the caches hold "
                           "for guest RAM survive the change of cacheability "
-                          "(stage2_flush_vm; reference §6.3, §6.5 G-C3, §9.6 C4)")
+                          "(stage2_flush_vm; rules §6.3, §6.5 G-C3, §9.6 C4)")
 
     def after_destroy(self) -> None:
         p = self.p

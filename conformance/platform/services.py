@@ -34,7 +34,7 @@ class Services:
 
     @property
     def geometry(self) -> Geometry:
-        """IPA size, levels, start level and concatenated PGD pages (reference §1.1)."""
+        """IPA size, levels, start level and concatenated PGD pages (rules §1.1)."""
         return self._p.geometry
 
     @property
@@ -235,7 +235,7 @@ class Services:
         except ValueError:
             self._p.fail("host-page-refs", f"release_page() of host page PA {pfn << 12:#x}, "
                          "which holds no GUP reference: the candidate drops a reference "
-                         "gup() never gave it (reference §3.2 step 20, §9.5 N6)")
+                         "gup() never gave it (rules §3.2 step 20, §9.5 N6)")
 
     def host_mapping_size(self, hva: int) -> int:
         """``get_user_mapping_size``: 2 MiB for a THP-mapped hva, else 4 KiB."""

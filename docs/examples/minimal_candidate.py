@@ -32,14 +32,14 @@ class MinimalCandidate(KvmBase):
         svc = self.services
         write = fault.is_write_fault
         # kvm_handle_guest_abort: no memslot, or a write to a read-only
-        # memslot, is MMIO for the VMM (reference §3.1 step 7).
+        # memslot, is MMIO for the VMM (rules §3.1 step 7).
         slot = self.gfn_to_memslot(fault.gfn)
         if slot is None or (write and slot.readonly):
             return Exit.MMIO
         if fault.kind is FaultKind.ACCESS_FLAG:
             return self.handle_access_fault(fault)
 
-        # user_mem_abort (reference §3.2). Snapshot the invalidation sequence
+        # user_mem_abort (rules §3.2). Snapshot the invalidation sequence
         # *before* GUP: GUP may sleep, and may itself raise MMU notifiers.
         mmu_seq = self.mmu_invalidate_seq
         page = svc.gup(slot.gfn_to_hva(fault.gfn), write)
@@ -70,8 +70,8 @@ class MinimalCandidate(KvmBase):
         return Exit.RESUME
 
     def install(self, ptep: int, old: int, new: int, ipa: int) -> None:
-        """Break-before-make of a 4 KiB leaf (reference §2.4), with the cache
-        maintenance done while the entry is invalid (reference §6.2)."""
+        """Break-before-make of a 4 KiB leaf (rules §2.4), with the cache
+        maintenance done while the entry is invalid (rules §6.2)."""
         svc = self.services
         if d.is_valid(old):
             svc.write_pte(ptep, 0)  # break
@@ -89,7 +89,7 @@ class MinimalCandidate(KvmBase):
         svc.get_page(ptep)
 
     def handle_access_fault(self, fault: GuestAbort) -> Exit:
-        """``kvm_pgtable_stage2_mkyoung`` (reference §3.6): set AF in place; an
+        """``kvm_pgtable_stage2_mkyoung`` (rules §3.6): set AF in place; an
         AF=0 entry is never in a TLB, so no TLBI is needed."""
         with self.services.mmu_write_lock():
             ptep, pte, level = self.pgt.lookup(fault.ipa)
@@ -148,7 +148,7 @@ class MinimalCandidate(KvmBase):
             self.services.set_tvm(vcpu, True)
 
     def handle_sysreg_write(self, vcpu, reg, old: int, new: int) -> None:
-        """kvm_toggle_cache (reference §6.3)."""
+        """kvm_toggle_cache (rules §6.3)."""
         was_on, now_on = old & CACHES_ON == CACHES_ON, new & CACHES_ON == CACHES_ON
         if was_on != now_on:
             self.flush_vm()
@@ -157,7 +157,7 @@ class MinimalCandidate(KvmBase):
             self.services.set_tvm(vcpu, False)
 
     def handle_set_way(self, vcpu: int) -> None:
-        """kvm_set_way_flush (reference §6.4): flush on the first op, re-arm TVM."""
+        """kvm_set_way_flush (rules §6.4): flush on the first op, re-arm TVM."""
         if self.config.fwb or self.tvm.get(vcpu):
             return
         self.flush_vm()

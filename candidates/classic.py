@@ -58,10 +58,15 @@ class ClassicCandidate(KvmBase):
     #: ``KVM_CAP_ARM_EAGER_SPLIT_CHUNK_SIZE`` != 0: split blocks to 4K right after
     #: write-protecting a slot whose logging is enabled (rules §4.2).
     eager_split = False
+    #: v6.12 drops the rest of a block it splits at map time without CMO
+    #: (rules §6.6): kept on purpose, reported as a finding (docs/findings.md).
+    known_findings = frozenset({"block-split-no-cmo"})
+    #: The page-table library (``struct kvm_pgtable`` and its operations).
+    pgtable_cls = Stage2PgTable
 
     def __init__(self, services, config):
         super().__init__(services, config)
-        self.pgt: Stage2PgTable | None = Stage2PgTable(services)
+        self.pgt: Stage2PgTable | None = self.pgtable_cls(services)
         self.tvm: dict[int, bool] = {}  # our record of HCR_EL2.TVM per vCPU
 
     # ================================================ vCPUs and caches (§6)
@@ -278,3 +283,24 @@ class ClassicEagerSplitCandidate(ClassicCandidate):
 
     version = "kvm-arm64-v6.12-classic-eager-split/1"
     eager_split = True
+
+
+class SplitCleaningPgTable(Stage2PgTable):
+    """``kvm_pgtable`` whose map walker cleans+invalidates the whole old block
+    when it breaks a cacheable block to install a table without FWB (the fix
+    rules §6.6 and docs/findings.md propose)."""
+
+    clean_broken_block = True
+
+
+class ClassicSplitCmoCandidate(ClassicCandidate):
+    """``kvm-classic-split-cmo``: kvm-classic with the fix for the finding
+    block-split-no-cmo: a write fault that splits a block at map time
+    cleans+invalidates the old block's 2 MiB to PoC (without FWB) after the
+    break, so the pages it drops leave no stale line behind. Costs a 2 MiB CMO
+    per split, the price of a first block map."""
+
+    version = "kvm-arm64-v6.12-classic-split-cmo/1"
+    known_findings = frozenset()
+    pgtable_cls = SplitCleaningPgTable
+

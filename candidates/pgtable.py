@@ -102,6 +102,9 @@ class Stage2PgTable:
 
     #: ``system_supports_tlb_range()``
     tlbi_range = True
+    #: Clean+invalidate the old block when the map walker breaks it for a
+    #: table (not KVM v6.12: the finding block-split-no-cmo, rules §6.6).
+    clean_broken_block = False
 
     # ================================================================ walking
     def walk(self, addr: int, size: int, cb, flags: int) -> int:
@@ -259,6 +262,11 @@ class Stage2PgTable:
             if not self.try_break_pte(ctx):
                 svc.put_page(child)
                 return EAGAIN
+            if self.clean_broken_block and self.clean_on_map and \
+                    d.is_valid(ctx.old) and d.is_cacheable(ctx.old, self.fwb):
+                # The pages of the block other than the one being mapped leave
+                # stage 2 here; clean them now, after the TLBI (rules §6.6).
+                svc.dcache_clean_inval_poc(d.pte_pa(ctx.old), ctx.granule)
             self.make_pte(ctx, d.Table(child).encode())
             return 0
 

@@ -218,6 +218,10 @@ class Candidate:
     version: str = "0"
     #: Set on known-bug mutants: the suite expects them to fail.
     known_bug: bool = False
+    #: Ids of known findings (``conformance.findings``, docs/findings.md) this
+    #: candidate keeps on purpose because KVM has them: when a program shows
+    #: one, the run counts it instead of failing.
+    known_findings: frozenset[str] = frozenset()
 
     def __init__(self, services, config: VmConfig):
         self.services = services

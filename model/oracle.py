@@ -43,6 +43,10 @@ R5 Dirty logging [§4.7, §9.4 D2/D4]. A harvest must report every gfn the guest
    wrote in that slot since logging was enabled or the last harvest; extra
    bits are legal (over-report) and counted.
 R6 Permission upgrades [§5.4, §9.5 N5] are invisible: nothing changes.
+R7 Known findings [§6.6, docs/findings.md]. When a candidate that declares
+   a known finding shows it on a page, the observation is adopted
+   (:meth:`Oracle.adopt_stale_line`) instead of judged; the rules above are
+   not relaxed for anything else.
 """
 
 from __future__ import annotations
@@ -274,6 +278,14 @@ class Oracle:
         if observed is not None and observed in allowed:
             self._observe(hva, "cacheable", observed)
         return allowed
+
+    def adopt_stale_line(self, hva: int, value: int) -> None:
+        """R7, finding ``block-split-no-cmo``: an observer read ``value``, a
+        stale clean line the candidate never cleaned (or a copy the host made
+        from it). From now on the page either still has that clean line above
+        what memory holds, or holds ``value`` itself."""
+        below = [attrs.evolve(s, dline=value, dirty=False) for s in self._page(hva)]
+        self.pages[hva] = self._closed(below + [LineState(mem=value, dline=value)])
 
     def invalidate(self, start: int, end: int) -> None:
         """An MMU-notifier invalidation of VMM range ``[start, end)``."""

@@ -282,3 +282,17 @@ def test_ksm_state_agrees_with_host(detach):
         o.host_op("migrate", a, a + PAGE)
     for h in (a, b):
         assert (h in o.ksm) == host.pte(h).ksm, hex(h)
+
+
+# ------------------------------------------------------- R7: known findings
+def test_adopting_a_stale_line_allows_it_and_what_lies_below():
+    """block-split-no-cmo: the VMM read 0 above the guest's NC write of 5.
+    From then on the page holds a clean line of 0 above 5 in memory, or (after
+    a copy the host made from that line) 0 itself."""
+    o = oracle()
+    write(o, GFN, 5)  # caches off: NC write to PoC
+    o.invalidate(hva(GFN), hva(GFN) + PAGE)
+    assert o.vmm_read(hva(GFN)) == {5}  # G-C4: clean after the unmap
+    o.adopt_stale_line(hva(GFN), 0)
+    assert 0 in o.vmm_read(hva(GFN))
+    assert read(o, GFN) == {0, 5}  # NC: memory holds 5, or the copy holds 0

@@ -189,3 +189,18 @@ def fmt(value, digits: int = 2) -> str:
         return f"{value:.{digits}f}"
     return str(int(value)) if isinstance(value, float) else str(value)
 
+
+def finding_lines(counters: dict) -> list[str]:
+    """One line per known finding a passing run showed (``known finding: ID``
+    counters; docs/findings.md)."""
+    from conformance.findings import FINDINGS
+
+    out = []
+    for key, n in sorted(counters.items()):
+        if key.startswith("known finding: ") and n:
+            fid = key.split(": ", 1)[1]
+            page = FINDINGS[fid].page if fid in FINDINGS else "docs/findings.md"
+            out.append(f"known finding {fid}: shown {n} time(s), declared by the candidate "
+                       f"and reported instead of failed (see {page})")
+    return out
+

@@ -16,7 +16,7 @@ def command(args: argparse.Namespace) -> int:
     text = explain.explain(args.property)
     if text is None:
         print(f"{PROG}: unknown property {args.property!r}; known: "
-              f"{', '.join(explain.family_names())} (and the oracle rules R1-R6)",
+              f"{', '.join(explain.family_names())} (and the oracle rules R1-R7)",
               file=sys.stderr)
         return 2
     sys.stdout.write(text)
@@ -29,8 +29,8 @@ def add_parser(sub) -> None:
         description="Print the rule behind a property family (the name in brackets in "
                     "a failure, e.g. tlb-conflict), the oracle rules it applies, and the "
                     "reference invariants and sections it cites. Without PROPERTY, list "
-                    "the families. Also accepts the oracle rules R1-R6. An unknown name "
+                    "the families. Also accepts the oracle rules R1-R7. An unknown name "
                     "exits 2.")
     p.add_argument("property", nargs="?", metavar="PROPERTY",
-                   help="a property family, e.g. stale-translation, or R1-R6")
+                   help="a property family, e.g. stale-translation, or R1-R7")
     p.set_defaults(func=command)

@@ -26,6 +26,8 @@ COUNTER_COLUMNS = [
     ("table pages", "table pages allocated"),
     ("GUP", "gup"),
     ("hw AF", "hw AF updates"),
+    ("split-dropped pages", "pages dropped by a block split without CMO"),
+    ("known findings", "known finding:"),
 ]
 
 

@@ -6,7 +6,7 @@ import argparse
 import sys
 
 from conformance import registry
-from conformance.cli.common import PROG
+from conformance.cli.common import PROG, finding_lines
 
 def _capability_warnings(doc: dict, cls: type) -> list[str]:
     from conformance.failures import document
@@ -57,6 +57,8 @@ def command(args: argparse.Namespace) -> int:
     if result.status == "pass":
         print(f"PASS {name}: the recorded program no longer fails "
               f"(recorded: [{recorded.get('property')}] in step {recorded.get('step')})")
+        for line in finding_lines(result.counters):
+            print(line)
         return 0
     report.show(report.from_doc(out, replay_path=args.file))
     now = result.failure

@@ -6,7 +6,8 @@ import argparse
 import sys
 
 from conformance import registry
-from conformance.cli.common import PROG, add_shared_db, maybe_progress, positive, timed_run
+from conformance.cli.common import (
+    PROG, add_shared_db, finding_lines, maybe_progress, positive, timed_run)
 
 def command(args: argparse.Namespace) -> int:
     from hypothesis import settings as Settings
@@ -55,6 +56,8 @@ def command(args: argparse.Namespace) -> int:
         print(f"PASS {args.candidate} ({budget}) in {result.seconds:.2f} s: "
               f"{result.examples} programs, {result.total_steps} steps "
               f"({rate:,.0f} steps/s)")
+        for line in finding_lines(result.counters):
+            print(line)
         return 0
     label = "FAIL" if result.status == "fail" else "ERROR"
     when = (f"; first failure after {first['examples']} programs, {first['seconds']:.2f} s"

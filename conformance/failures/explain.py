@@ -2,7 +2,7 @@
 
 The registry is built from the suite's own docstrings, so it cannot drift
 from what the code checks: the table in :mod:`conformance.platform.monitors` (the
-monitor families) and the rules R1–R6 in :mod:`model.oracle` (what the oracle
+monitor families) and the rules R1–R7 in :mod:`model.oracle` (what the oracle
 allows), plus the four families raised outside the monitors:
 ``guest-observation``, ``host-observation``, ``dirty-log-harvest`` (the
 oracle's comparisons in :mod:`conformance.machines.sequential`) and ``candidate-error``.
@@ -230,7 +230,7 @@ def monitor_families(doc: str | None = None) -> dict[str, str]:
 
 
 def oracle_rules(doc: str | None = None) -> dict[str, str]:
-    """``R1``…``R6`` of :mod:`model.oracle`'s docstring: ``id -> text``."""
+    """``R1``…``R7`` of :mod:`model.oracle`'s docstring: ``id -> text``."""
     if doc is None:
         from model import oracle
 

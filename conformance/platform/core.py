@@ -19,6 +19,7 @@ from typing import Callable
 
 from conformance.errors import CandidateError, PropertyViolation
 from conformance.platform.calls import CandidateCalls
+from conformance.platform.drops import DroppedPages
 from conformance.platform.host_events import HostEvents
 from conformance.platform.mmu import Mmu
 from conformance.platform.monitors import Monitors
@@ -67,6 +68,9 @@ class Platform(CandidateCalls, Mmu, HostEvents):
         #: faults in them are the cost seed 001 argues about.
         self.unlogged: set[int] = set()
         self.candidate = None
+        #: Pages a block split dropped without CMO (the known finding
+        #: block-split-no-cmo; docs/findings.md).
+        self.drops = DroppedPages(self)
         self.monitors = (monitors_cls or Monitors)(self)
         self.services = Services(self)
 

@@ -90,6 +90,8 @@ class HostEvents:
             if pte is not None and pte.huge:
                 start, end = thp_down(start), thp_down(start) + THP_SIZE
         self.notify(NotifierRange(start, end, event), mutate)
+        if op in ("munmap", "madvise_dontneed"):
+            self.drops.forget(start, end)  # the page and any stale line with it are gone
 
     def host_mmap(self, start: int, end: int, thp: bool) -> None:
         self.host.mmap(start, end, writable=True, thp=thp)

@@ -71,6 +71,8 @@ class Monitors:
                           "(invalid + TLBI first; rules §2.4, §9.3 T1)")
         if d.is_valid(old) and d.is_table(old, level):
             self.p.unlink(d.pte_pa(old) >> 12, level + 1)
+        elif level < 3 and d.is_valid(old) and not d.is_valid(new):
+            self.p.drops.block_broken(pfn, idx, ipa, level, old)
         self._note_transition(pfn, idx, level, old, new)
         if d.is_valid(new):
             if d.is_table(new, level):
@@ -194,6 +196,8 @@ class Monitors:
     # ------------------------------------------------------- after calls
     def after_call(self, method: str) -> None:
         p = self.p
+        if p.drops.broken:
+            p.drops.settle()
         for pfn in self.touched:
             if pfn not in p.reachable or p.mem.page_use(pfn) is not PageUse.TABLE:
                 continue

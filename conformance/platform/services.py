@@ -188,6 +188,7 @@ class Services:
         first, last = pa >> 12, (pa + size - 1) >> 12
         for pfn in _present(p.mem.lines, first, last):
             p.mem.set_line(pfn, cache.clean_inval(p.mem.lines[pfn]))
+        p.drops.cleaned(first, last)
 
     def icache_inval_pou(self, pa: int, size: int) -> None:
         """``__invalidate_icache_guest_page``: IC IVAU over the range."""

@@ -126,3 +126,26 @@ class Boot:
             del self.slots[old.id]
         else:
             self.slots[new.id] = new
+
+    def _memslot_delete(self, which):
+        old = self._slot(which)
+        self._change(old, None, MemslotChange.DELETE)
+
+    def _memslot_recreate(self, which):
+        if not self.deleted:
+            return
+        ids = sorted(self.deleted)
+        slot = self.deleted.pop(ids[which % len(ids)])
+        slot = Memslot(slot.id, slot.base_gfn, slot.npages, slot.userspace_addr,
+                       slot.readonly, False)
+        self._change(None, slot, MemslotChange.CREATE)
+
+    def _memslot_move(self, which):
+        old = self._slot(which)
+        original = next(s for s in self.layout.memslots if s.id == old.id)
+        base = original.base_gfn if old.base_gfn != original.base_gfn else \
+            original.base_gfn + 0x10000
+        new = Memslot(old.id, base, old.npages, old.userspace_addr, old.readonly,
+                      old.log_dirty_pages)
+        self._change(old, new, MemslotChange.MOVE)
+

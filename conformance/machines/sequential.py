@@ -24,7 +24,7 @@ from conformance.machines.steps import (
     AGING, CACHE_CONTROL, HOST_OPS, INDEX, MEMSLOT_OPS, PAGES, SCTLR_FOR, SLOT0_MOSTLY,
     VCPU, _spread, checked, event, note, publish_failure)
 from conformance.platform.core import Platform
-from conformance.protocol import Memslot, MemslotChange
+from conformance.protocol import MemslotChange
 from model.cache import GARBAGE
 from model.host import PAGE, THP_SIZE
 from model.oracle import Oracle
@@ -330,28 +330,6 @@ class Stage2Machine(Boot, RuleBasedStateMachine):
                 "dirty-log-harvest", f"get_dirty_log(slot {slot.id}) lost dirty gfn(s) "
                 f"{gfns}: the guest wrote them since logging was enabled or last "
                 "harvested, but they were not reported (rules §4.7, §9.4 D2)")
-
-    def _memslot_delete(self, which):
-        old = self._slot(which)
-        self._change(old, None, MemslotChange.DELETE)
-
-    def _memslot_recreate(self, which):
-        if not self.deleted:
-            return
-        ids = sorted(self.deleted)
-        slot = self.deleted.pop(ids[which % len(ids)])
-        slot = Memslot(slot.id, slot.base_gfn, slot.npages, slot.userspace_addr,
-                       slot.readonly, False)
-        self._change(None, slot, MemslotChange.CREATE)
-
-    def _memslot_move(self, which):
-        old = self._slot(which)
-        original = next(s for s in self.layout.memslots if s.id == old.id)
-        base = original.base_gfn if old.base_gfn != original.base_gfn else \
-            original.base_gfn + 0x10000
-        new = Memslot(old.id, base, old.npages, old.userspace_addr, old.readonly,
-                      old.log_dirty_pages)
-        self._change(old, new, MemslotChange.MOVE)
 
     # ------------------------------------------------------------ hardware
     @precondition(lambda self: self.live)

@@ -34,14 +34,15 @@ def failures_dir(request, tmp_path, monkeypatch):
 
 @pytest.fixture
 def play():
-    """``play(cls, config, layout, *steps, name="scripted")`` runs
-    ``[boot(config, layout), *steps]`` (each step a ``(rule, kwargs)`` pair)
-    and teardown against candidate class ``cls``; it returns ``(failure,
-    machine)``, ``failure`` being ``None`` when the program passed."""
+    """``play(cls, config, layout, *steps, name="scripted", machine="sequential")``
+    runs ``[boot(config, layout), *steps]`` (each step a ``(rule, kwargs)``
+    pair) and teardown against candidate class ``cls`` on that machine; it
+    returns ``(failure, machine)``, ``failure`` being ``None`` when the
+    program passed."""
     from conformance.failures import polish
 
-    def _play(cls, config, layout, *steps, name="scripted"):
+    def _play(cls, config, layout, *steps, name="scripted", machine="sequential"):
         calls = [("boot", dict(config=config, layout=layout)), *steps]
-        return polish.play(name, cls, calls)
+        return polish.play(name, cls, calls, machine)
 
     return _play

@@ -52,7 +52,7 @@ def fault_supports_stage2_huge_mapping(slot: Memslot, hva: int, size: int) -> bo
 
 
 class ClassicCandidate(KvmBase):
-    capabilities = Capabilities(concurrent=False, fwb=True, hw_af=True, dic=True,
+    capabilities = Capabilities(concurrent=True, fwb=True, hw_af=True, dic=True,
                                 max_vcpus=4, block_mappings=True)
     version = "kvm-arm64-v6.12-classic/1"
     #: ``KVM_CAP_ARM_EAGER_SPLIT_CHUNK_SIZE`` != 0: split blocks to 4K right after

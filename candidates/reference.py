@@ -20,7 +20,7 @@ from model import descriptors as d
 
 
 class ReferenceCandidate(KvmBase):
-    capabilities = Capabilities(concurrent=False, fwb=True, hw_af=True, dic=True,
+    capabilities = Capabilities(concurrent=True, fwb=True, hw_af=True, dic=True,
                                 max_vcpus=4, block_mappings=False)
     version = "1.0"
 

@@ -15,12 +15,12 @@ from conformance.errors import CandidateError, ConformanceFailure
 from conformance import profiles
 from conformance.failures import polish
 from conformance.machines.result import RunResult
-from conformance.machines.sequential import machine_for
+from conformance.machines.parallel import machine_class
 
 
 def run(name: str, candidate_cls: type, settings: Settings | None = None,
         profile: str = "dev", seed: int | None = None, same_programs: bool = False,
-        **overrides) -> RunResult:
+        machine: str = "sequential", **overrides) -> RunResult:
     """Run the sequential machine for ``candidate_cls`` under ``profile`` (or
     explicit ``settings``) with optional settings ``overrides``. ``seed``
     makes a random (non-derandomized) run reproducible.
@@ -33,8 +33,8 @@ def run(name: str, candidate_cls: type, settings: Settings | None = None,
     base = settings or profiles.PROFILES[profile]
     if seed is not None:
         overrides = {"derandomize": False, "database": None, **overrides}
-    machine = machine_for(name, candidate_cls,
-                          class_name="Stage2Machine_compare" if same_programs else None)
+    machine = machine_class(name, candidate_cls, machine,
+                            class_name="Stage2Machine_compare" if same_programs else None)
     machine.last_failure = None
     machine.totals.clear()
     machine.event_programs.clear()

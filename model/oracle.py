@@ -93,8 +93,9 @@ class Oracle:
 
     def __attrs_post_init__(self):
         n = self.config.nr_vcpus
-        self.sctlr = [0] * n
-        self.tvm_armed = [not self.config.fwb] * n  # TVM set at vCPU init [§6.3]
+        if not self.sctlr:  # a new VM, not a clone
+            self.sctlr = [0] * n
+            self.tvm_armed = [not self.config.fwb] * n  # TVM set at vCPU init [§6.3]
 
     def clone(self) -> "Oracle":
         return Oracle(self.config, dict(self.memslots), list(self.vmas), dict(self.pages),
@@ -354,6 +355,30 @@ class Oracle:
         extra = frozenset(reported - written)
         self.written[slot.id] = set()
         return missing, extra
+
+    def fingerprint(self) -> tuple:
+        """A hashable, deterministic snapshot of the whole state: equal states
+        give equal fingerprints. Sets and dicts become sorted tuples (never
+        hash order); ``vmas`` keeps its order, which :meth:`vma_at` depends
+        on. The linearizability search keys its cache on it, and sets of
+        states are deduplicated by it."""
+        def line_key(s: LineState):
+            return (s.mem, s.dline is not None, s.dline or 0, s.dirty,
+                    s.iline is not None, s.iline or 0)
+        ordered: dict[frozenset, tuple] = {}  # pages mostly share a few state sets
+        for states in self.pages.values():
+            if states not in ordered:
+                ordered[states] = tuple(sorted(states, key=line_key))
+        return (self.config,
+                tuple(sorted(self.memslots.items())),
+                tuple(self.vmas),
+                tuple((hva, ordered[states]) for hva, states in sorted(self.pages.items())),
+                tuple(sorted(self.ksm)),
+                tuple(self.sctlr),
+                tuple(self.tvm_armed),
+                tuple(sorted(self.exposed)),
+                tuple((slot, tuple(sorted(gfns))) for slot, gfns in sorted(self.written.items())),
+                tuple(sorted(self.mapped)))
 
 
 def _maintain(s: LineState) -> LineState:

@@ -88,8 +88,11 @@ class Layout:
         return "; ".join(parts) + "; VMAs " + ", ".join(thp) + (f"; {start}" if start else "")
 
 
-def configs(caps: Capabilities = Capabilities()) -> st.SearchStrategy[VmConfig]:
-    """Configurations a candidate with ``caps`` claims to support."""
+def configs(caps: Capabilities = Capabilities(),
+            min_vcpus: int = 1) -> st.SearchStrategy[VmConfig]:
+    """Configurations a candidate with ``caps`` claims to support, with at
+    least ``min_vcpus`` vCPUs where it supports that many."""
+    most = max(1, min(4, caps.max_vcpus))
     return st.builds(
         VmConfig,
         ipa_bits=st.sampled_from([40, 32, 36, 44, 48]),
@@ -97,7 +100,7 @@ def configs(caps: Capabilities = Capabilities()) -> st.SearchStrategy[VmConfig]:
         hw_af=st.booleans() if caps.hw_af else st.just(False),
         dic=st.booleans() if caps.dic else st.just(False),
         idc=st.booleans(),
-        nr_vcpus=st.integers(1, max(1, min(4, caps.max_vcpus))),
+        nr_vcpus=st.integers(min(min_vcpus, most), most),
     ).map(_architectural)
 
 

@@ -124,15 +124,17 @@ def test_matrix_json_and_markdown(tmp_path, capsys):
     assert code == 0, out
     rows = json.loads(js.read_text())
     assert [(r["candidate"], r["machine"], r["status"]) for r in rows] == [
-        ("reference", "sequential", "pass"), ("kvm-classic", "sequential", "pass")]
+        ("reference", "sequential", "pass"), ("reference", "parallel", "pass"),
+        ("kvm-classic", "sequential", "pass"), ("kvm-classic", "parallel", "pass")]
     for r in rows:
         assert r["examples"] == 5 and r["steps"] > 0 and r["steps_per_second"] > 0
         assert isinstance(r["counters"], dict) and r["counters"]
     # the same programs: counters that only depend on the program agree
     def driven(counters):
         return {k: v for k, v in counters.items() if k.startswith("aging:")}
-    assert driven(rows[0]["counters"]) == driven(rows[1]["counters"])
-    assert rows[0]["steps"] == rows[1]["steps"]
+    for a, b in ((rows[0], rows[2]), (rows[1], rows[3])):
+        assert driven(a["counters"]) == driven(b["counters"])
+        assert a["steps"] == b["steps"]
     table = md.read_text()
     assert table.startswith("| candidate | machine | status | programs | steps | steps/s")
     assert "| reference | sequential | pass | 5 |" in table

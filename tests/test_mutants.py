@@ -19,6 +19,8 @@ from candidates.mutants import MUTANTS
 from candidates.mutants.classic_mutants import OUT_OF_BUDGET
 from conformance.failures import files
 from conformance.errors import PropertyViolation
+from conformance.machines.parallel import OpSpec
+from conformance.platform.scheduler import Preemption, Schedule
 from conformance.protocol import Memslot, VmConfig
 from conformance.runner import run
 from strategies.layouts import Layout, Vma
@@ -90,7 +92,8 @@ def test_mutant_is_caught(name, play):
     listener = lambda machine, failure, path: failing.append(list(machine.calls))  # noqa: E731
     files.listeners.append(listener)
     try:
-        result = run(name, cls, **MUTANT_BUDGET)
+        result = run(name, cls, machine=getattr(cls, "machine", "sequential"),
+                     **MUTANT_BUDGET)
     finally:
         files.listeners.remove(listener)
     assert result.status == "fail", (
@@ -105,7 +108,8 @@ def test_mutant_is_caught(name, play):
     assert result.steps <= MAX_SHRUNK_STEPS, "\n".join(result.trace)
     # The catch is the mutation's: the unmutated candidate passes the same program.
     (_boot, boot_args), *steps = failing[-1]
-    passed, _ = play(_unmutated(cls), boot_args["config"], boot_args["layout"], *steps)
+    passed, _ = play(_unmutated(cls), boot_args["config"], boot_args["layout"], *steps,
+                     machine=getattr(cls, "machine", "sequential"))
     assert passed is None, str(passed)
 
 
@@ -166,6 +170,14 @@ SCRIPTS = {
         ("host_mm", dict(op="migrate", where=1, huge=False)),
         ("vmm", dict(op="read", where=1)),
     ]),
+    # Two vCPUs fault on one unmapped page; vCPU0 is preempted just before its
+    # first store (it has read the empty entry), vCPU1 maps the page, vCPU0's
+    # plain store then overwrites what vCPU1 installed (parallel machine).
+    "mutant-plain-store-in-shared-walk": (_config(), _layout(), [
+        ("parallel", dict(where=0, ops=(OpSpec("read", 0), OpSpec("write", 1)),
+                          schedule=Schedule((Preemption(0, 1, "pte store", 1),)),
+                          refault=False)),
+    ]),
 }
 
 
@@ -178,8 +190,9 @@ def test_every_out_of_budget_mutant_has_a_script():
 def test_out_of_budget_mutant_fails_its_scripted_counterexample(name, play):
     cls = OUT_OF_BUDGET[name]
     config, layout, steps = SCRIPTS[name]
-    passed, _ = play(_unmutated(cls), config, layout, *steps)
+    machine = getattr(cls, "machine", "sequential")
+    passed, _ = play(_unmutated(cls), config, layout, *steps, machine=machine)
     assert passed is None, str(passed)  # the unmutated candidate passes it
-    failure, _ = play(cls, config, layout, *steps)
+    failure, _ = play(cls, config, layout, *steps, machine=machine)
     assert isinstance(failure, PropertyViolation), failure
     assert failure.property in cls.expected_property, str(failure)

@@ -296,3 +296,13 @@ def test_adopting_a_stale_line_allows_it_and_what_lies_below():
     o.adopt_stale_line(hva(GFN), 0)
     assert 0 in o.vmm_read(hva(GFN))
     assert read(o, GFN) == {0, 5}  # NC: memory holds 5, or the copy holds 0
+
+
+def test_clone_keeps_the_vcpus_sctlr_and_tvm():
+    """A clone is the same state (the parallel machine's linearizability
+    search runs on clones): SCTLR_EL1 and TVM included."""
+    o = oracle()
+    caches_on(o, vcpu=1)
+    c = o.clone()
+    assert c.sctlr == o.sctlr and c.tvm_armed == o.tvm_armed
+    assert c.fingerprint() == o.fingerprint()

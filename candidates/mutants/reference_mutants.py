@@ -7,9 +7,18 @@ and of the oracle checks in :mod:`conformance.machines.sequential`.
 
 from __future__ import annotations
 
+import attrs
+
 from candidates.common import PageTable
 from candidates.reference import ReferenceCandidate
 from model import descriptors as d
+
+
+class _ReferenceMutant(ReferenceCandidate):
+    """Mutants run on the sequential machine: their bugs need no concurrency."""
+
+    known_bug = True
+    capabilities = attrs.evolve(ReferenceCandidate.capabilities, concurrent=False)
 
 
 class _NoTlbiPageTable(PageTable):
@@ -25,7 +34,7 @@ class _NoTlbiPageTable(PageTable):
             assert self.svc.tlb_flush_vmid_ipa == real
 
 
-class NoTlbiAfterUnmap(ReferenceCandidate):
+class NoTlbiAfterUnmap(_ReferenceMutant):
     """Unmap clears the leaf but never invalidates the TLB (rules §9.3 T2)."""
 
     known_bug = True
@@ -46,7 +55,7 @@ class _NoCmoPageTable(PageTable):
             self.clean = clean
 
 
-class NoCmoOnMap(ReferenceCandidate):
+class NoCmoOnMap(_ReferenceMutant):
     """No clean+invalidate to PoC when a page is mapped: a guest with its
     caches off reads stale memory (rules §6.5 G-C1, §8 bug 2)."""
 
@@ -59,7 +68,7 @@ class NoCmoOnMap(ReferenceCandidate):
         self.pgt.__class__ = _NoCmoPageTable
 
 
-class NoDirtyMark(ReferenceCandidate):
+class NoDirtyMark(_ReferenceMutant):
     """A logged write fault maps the page writable but never marks it dirty
     (rules §4.3, §9.4 D2)."""
 
@@ -89,7 +98,7 @@ class _RelaxInPlacePageTable(PageTable):
         super().install(ptep, old, new, ipa, level)
 
 
-class RelaxWithoutTlbi(ReferenceCandidate):
+class RelaxWithoutTlbi(_ReferenceMutant):
     """Permission relaxation updates the PTE in place without any TLBI: the
     faulting vCPU keeps hitting its cached read-only entry (rules §7.5,
     §8 bug 14)."""
@@ -103,7 +112,7 @@ class RelaxWithoutTlbi(ReferenceCandidate):
         self.pgt.__class__ = _RelaxInPlacePageTable
 
 
-class LoggingWithoutWrprotect(ReferenceCandidate):
+class LoggingWithoutWrprotect(_ReferenceMutant):
     """Enabling dirty logging does not write-protect existing mappings
     (rules §4.2, §9.4 D1)."""
 

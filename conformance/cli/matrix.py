@@ -10,8 +10,9 @@ from conformance import registry
 from conformance.cli.common import (
     PROG, default_candidates, positive, print_table, stdout_is_terminal, timed_run, write_out)
 
-#: The machines a candidate can be run against (one for now).
-MACHINES = ("sequential",)
+#: The machines a candidate can be run against; ``parallel`` only for
+#: candidates that declare ``Capabilities(concurrent=True)``.
+MACHINES = ("sequential", "parallel")
 
 #: (column, counter key or prefix) of the cost counters shown in tables; a
 #: key ending in ":" sums every counter with that prefix. TLBI kinds get one
@@ -71,11 +72,15 @@ def matrix_rows(names: list[str], profile: str, examples: int | None,
             try:
                 cls = registry.load(name)
             except (registry.UnknownCandidate, registry.CandidateImportError) as exc:
-                row.update(status="error", property="candidate-error", failure=str(exc))
-                rows.append(row)
+                if machine == "sequential":
+                    row.update(status="error", property="candidate-error", failure=str(exc))
+                    rows.append(row)
+                continue
+            if machine == "parallel" and not getattr(
+                    getattr(cls, "capabilities", None), "concurrent", False):
                 continue
             result, first = timed_run(name, cls, profile=profile, seed=seed,
-                                      same_programs=True, **overrides)
+                                      same_programs=True, machine=machine, **overrides)
             row.update(status=result.status, seconds=round(result.seconds, 3),
                        counters=dict(sorted(result.counters.items())))
             if result.status == "pass":
@@ -160,8 +165,9 @@ def add_parser(sub) -> None:
     p = sub.add_parser(
         "matrix", help="candidates × machines: status, programs, steps/s, cost counters",
         description="Run every correct (non-known-bug) registered candidate, or those "
-                    "given with --candidate, against every machine (for now: "
-                    "sequential), all on the same programs (derandomized, or seeded "
+                    "given with --candidate, against every machine (sequential; and "
+                    "parallel for candidates that declare concurrent=True), all on the "
+                    "same programs (derandomized, or seeded "
                     "with a random profile) without the example database, and print "
                     "status, programs, steps, steps/s and the cost counters (faults, "
                     "TLBIs by kind, cache maintenance bytes, I-cache invalidations, "

@@ -14,7 +14,8 @@ from conformance.cli.common import (
 
 def mutant_row(name: str, seeds: int, profile: str, examples: int) -> dict:
     """Run mutant ``name`` once per seed ``0 .. seeds-1`` and summarise."""
-    row = {"name": name, "bug": None, "expected_property": [], "caught": False,
+    row = {"name": name, "machine": "sequential", "bug": None, "expected_property": [],
+           "caught": False,
            "caught_runs": 0, "runs": seeds, "property": None, "expected": None,
            "examples": None, "seconds": None, "generation_seconds": None,
            "shrink_seconds": None, "steps": None, "profile": profile,
@@ -25,12 +26,13 @@ def mutant_row(name: str, seeds: int, profile: str, examples: int) -> dict:
         row.update(property="candidate-error", per_seed=[{"error": str(exc)}])
         return row
     row["bug"] = getattr(cls, "bug", None)
+    row["machine"] = getattr(cls, "machine", "sequential")
     expected = getattr(cls, "expected_property", None) or ()
     row["expected_property"] = [expected] if isinstance(expected, str) else list(expected)
     runs = []
     for seed in range(seeds):
         result, first = timed_run(name, cls, profile=profile, seed=seed,
-                                  max_examples=examples)
+                                  max_examples=examples, machine=row["machine"])
         caught = result.status == "fail"
         runs.append({
             "seed": seed, "status": result.status, "caught": caught,

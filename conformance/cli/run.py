@@ -42,14 +42,20 @@ def command(args: argparse.Namespace) -> int:
             print(f"note: {note}")
     effective = Settings(base, **overrides)
 
-    budget = (f"profile {args.profile}, up to {effective.max_examples} examples of "
+    if args.machine == "parallel" and not getattr(
+            getattr(cls, "capabilities", None), "concurrent", False):
+        print(f"{PROG}: candidate {args.candidate!r} does not declare "
+              "Capabilities(concurrent=True); the parallel machine needs it", file=sys.stderr)
+        return 2
+    budget = (f"{args.machine} machine, profile {args.profile}, up to "
+              f"{effective.max_examples} examples of "
               f"up to {effective.stateful_step_count} steps"
               + (f", seed {args.seed}" if args.seed is not None else "")
               + (", shared database" if args.shared_db else ""))
     mark = files.current_seq()
     with maybe_progress(args.candidate, f"{args.candidate} ({budget})"):
         result, first = timed_run(args.candidate, cls, settings=base, seed=args.seed,
-                                  **overrides)
+                                  machine=args.machine, **overrides)
 
     if result.status == "pass":
         rate = result.total_steps / result.seconds if result.seconds else 0.0
@@ -92,6 +98,10 @@ def add_parser(sub) -> None:
                    help=f"registered candidate name (see `{PROG} list`)")
     p.add_argument("--profile", default="dev", choices=sorted(profiles.PROFILES),
                    help="Hypothesis settings profile (default: %(default)s)")
+    p.add_argument("--machine", default="sequential", choices=("sequential", "parallel"),
+                   help="the sequential machine, or the parallel one (steps of 2-4 "
+                        "concurrent operations; needs Capabilities(concurrent=True)) "
+                        "(default: %(default)s)")
     p.add_argument("--examples", type=positive, metavar="N",
                    help="max_examples override (default: the profile's)")
     p.add_argument("--seed", type=int, metavar="N",

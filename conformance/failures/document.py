@@ -9,6 +9,10 @@ A replay file (format 2) is a JSON object with:
 
 ``format``, ``suite_version``, ``hypothesis_version``
 ``candidate``, ``candidate_version``
+``machine``                 ``sequential`` or ``parallel`` (absent: sequential);
+                            a parallel step is the rule ``parallel`` with its
+                            ``ops`` (``OpSpec``) and ``schedule`` (``Schedule``
+                            of ``Preemption``), so it replays exactly
 ``config``, ``layout``      the VM configuration and memslot/VMA layout (also
                             the arguments of the first step, ``boot``)
 ``settings``                the Hypothesis settings of the run that found it
@@ -32,11 +36,14 @@ import attrs
 
 from conformance.errors import ConformanceFailure
 from conformance.failures import state
+from conformance.machines.parallel import OpSpec
+from conformance.platform.scheduler import Preemption, Schedule
 from conformance.protocol import Memslot, VmConfig
 from strategies.layouts import Layout, Vma
 
 FORMAT = 2
-_TYPES = {cls.__name__: cls for cls in (VmConfig, Layout, Memslot, Vma)}
+_TYPES = {cls.__name__: cls for cls in (VmConfig, Layout, Memslot, Vma, OpSpec, Schedule,
+                                        Preemption)}
 
 def encode(value):
     if attrs.has(type(value)):
@@ -139,6 +146,7 @@ def replay_document(candidate: str, candidate_cls: type, failure: ConformanceFai
         **versions(),
         "candidate": candidate,
         "candidate_version": str(getattr(candidate_cls, "version", "0")),
+        "machine": getattr(machine, "kind", "sequential"),
         "config": encode(boot.get("config")),
         "layout": encode(boot.get("layout")),
         "settings": settings,

@@ -25,7 +25,7 @@ import attrs
 
 from conformance.errors import ConformanceFailure
 from conformance.failures import files
-from conformance.machines.sequential import machine_for
+from conformance.machines.parallel import machine_class
 
 #: Replays the pass may spend; a shrunk program is short, so this is rarely hit.
 MAX_ATTEMPTS = 60
@@ -47,23 +47,25 @@ def same_failure(a: ConformanceFailure, b: ConformanceFailure) -> bool:
             and getattr(a, "kind", None) == getattr(b, "kind", None))
 
 
-def play(name: str, cls: type, calls) -> tuple[ConformanceFailure | None, object]:
+def play(name: str, cls: type, calls,
+         machine: str = "sequential") -> tuple[ConformanceFailure | None, object]:
     """Run ``calls`` (boot first) and teardown against ``cls`` without
     Hypothesis and without writing files; the failure (or ``None``) and the
     machine."""
-    machine = machine_for(name, cls)()
+    m = machine_class(name, cls, machine)()
     with files.not_writing():
         try:
             for rule, kwargs in calls:
-                getattr(machine, rule)(**kwargs)
-            machine.teardown()
+                getattr(m, rule)(**kwargs)
+            m.teardown()
         except ConformanceFailure as exc:
-            return exc, machine
-    return None, machine
+            return exc, m
+    return None, m
 
 
 def delete_steps(name: str, cls: type, calls, failure: ConformanceFailure,
-                 max_attempts: int = MAX_ATTEMPTS) -> Polished | None:
+                 max_attempts: int = MAX_ATTEMPTS,
+                 machine: str = "sequential") -> Polished | None:
     """Delete every step of ``calls`` that the failure does not need (see the
     module docstring). ``None`` when no step could be deleted."""
     best = tuple(calls)
@@ -75,9 +77,9 @@ def delete_steps(name: str, cls: type, calls, failure: ConformanceFailure,
         while i >= 1 and attempts < max_attempts:  # calls[0] is boot
             trial = best[:i] + best[i + 1:]
             attempts += 1
-            got, machine = play(name, cls, trial)
+            got, played = play(name, cls, trial, machine)
             if got is not None and same_failure(got, failure):
-                best, best_failure, best_machine, changed = trial, got, machine, True
+                best, best_failure, best_machine, changed = trial, got, played, True
             i -= 1
     if best_machine is None:
         return None
@@ -94,7 +96,8 @@ def after_failure(name: str, cls: type, found):
     if getattr(failure, "kind", None) == "timeout":
         return found  # every replay would wait out the timeout again
     try:
-        polished = delete_steps(name, cls, machine.calls, failure)
+        polished = delete_steps(name, cls, machine.calls, failure,
+                                machine=getattr(machine, "kind", "sequential"))
     except Exception as exc:  # noqa: BLE001 - never turn a found failure into a crash
         import sys
         print(f"stage2-conformance: step deletion skipped: {exc!r}", file=sys.stderr)

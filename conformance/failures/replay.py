@@ -23,7 +23,7 @@ def replay_machine(path_or_doc, candidate_cls: type | None = None,
     name = candidate or doc["candidate"]
     cls = candidate_cls or load_candidate(name)
     start = time.perf_counter()
-    exc, machine = play(name, cls, decode_steps(doc))
+    exc, machine = play(name, cls, decode_steps(doc), doc.get("machine", "sequential"))
     if exc is not None:
         status = "error" if isinstance(exc, CandidateError) else "fail"
         counters = dict(machine.platform.counters) if machine.platform else {}

@@ -35,6 +35,9 @@ class Stage2Machine(Boot, RuleBasedStateMachine):
     """Subclassed per candidate by :func:`machine_for`."""
 
     candidate_cls: type = None  # type: ignore[assignment]
+    #: Which machine this is (``sequential``, ``parallel``): recorded in
+    #: replay files so that a replay runs the same machine.
+    kind = "sequential"
     #: The candidate's validated ``known_findings`` (docs/findings.md).
     known_findings: frozenset[str] = frozenset()
     #: (failure, step labels, machine) of the most recent failing program; after
@@ -369,20 +372,21 @@ class Stage2Machine(Boot, RuleBasedStateMachine):
         type(self).event_programs.update(self.events)
 
 
-def machine_for(name: str, candidate_cls: type,
-                class_name: str | None = None) -> type[Stage2Machine]:
+def machine_for(name: str, candidate_cls: type, class_name: str | None = None,
+                base: type[Stage2Machine] = Stage2Machine,
+                min_vcpus: int = 1) -> type[Stage2Machine]:
     """A machine subclass bound to one candidate, with a stable name (so the
     example database keys and test ids are stable per candidate). Machines
     given the same ``class_name`` generate the same programs under a
     derandomized profile, which is how candidates are compared."""
     safe = class_name or "Stage2Machine_" + "".join(c if c.isalnum() else "_" for c in name)
 
-    @initialize(config=configs(candidate_cls.capabilities), layout=layouts())
+    @initialize(config=configs(candidate_cls.capabilities, min_vcpus), layout=layouts())
     @checked
     def boot(self, config, layout):
         self._boot(config, layout)
 
-    return type(safe, (Stage2Machine,),
+    return type(safe, (base,),
                 {"candidate_cls": candidate_cls, "candidate_name": name, "boot": boot,
                  "known_findings": check_declared(candidate_cls),
                  "__module__": __name__,

@@ -22,6 +22,10 @@ MAX_SERVICE_CALLS = 200_000
 CALL_TIMEOUT = 10.0
 
 
+#: Services that store a descriptor (one scheduling-point kind, "pte store").
+_STORES = frozenset({"write_pte", "cmpxchg_pte", "xchg_pte"})
+
+
 class _Timeout(BaseException):
     pass
 
@@ -39,40 +43,46 @@ class CandidateCalls:
         if fn is None:
             raise CandidateError("bad-return", f"candidate has no method {method}()",
                                  step=self.step)
-        outer_vcpu, self.current_vcpu = self.current_vcpu, vcpu
-        if self.depth == 0:
-            self.service_calls = 0
-            self.cleaned = []
-        self.depth += 1
+        ctx = self.ctx
+        outer_vcpu, ctx.vcpu = ctx.vcpu, vcpu
+        if ctx.depth == 0:
+            ctx.service_calls = 0
+            ctx.cleaned = []
+        ctx.depth += 1
         try:
             result = self._guarded(fn, method, args)
         finally:
-            self.current_vcpu = outer_vcpu
-            self.depth -= 1
-        if self.swallowed is not None:
-            raise self.swallowed
+            ctx.vcpu = outer_vcpu
+            ctx.depth -= 1
+        if ctx.swallowed is not None:
+            raise ctx.swallowed
         if returns is not None and not isinstance(result, returns):
             want = returns.__name__ if isinstance(returns, type) else \
                 " or ".join(t.__name__ for t in returns)
             raise CandidateError(
                 "bad-return", f"{method}() returned {result!r} "
                 f"({type(result).__name__}); expected {want}", step=self.step)
-        if self.depth == 0:
+        if ctx.depth == 0 and self.scheduler is None:
+            # In a parallel step these wait for quiescence (Platform.quiesce):
+            # another task may be half-way through its own change.
             self.monitors.after_call(method)
             self.grace_period()
         return result
 
     def construct(self, candidate_cls):
         """``Candidate(services, config)``, guarded like any other call."""
-        self.depth += 1
+        ctx = self.ctx
+        ctx.depth += 1
         try:
             return self._guarded(lambda: candidate_cls(self.services, self.config),
                                  f"{candidate_cls.__name__}()", ())
         finally:
-            self.depth -= 1
+            ctx.depth -= 1
 
     def _guarded(self, fn, method, args):
-        use_alarm = self.depth == 1 and hasattr(signal, "setitimer") and \
+        # A parallel step has one watchdog for the whole step instead.
+        use_alarm = self.ctx.depth == 1 and self.scheduler is None and \
+            hasattr(signal, "setitimer") and \
             threading.current_thread() is threading.main_thread()
         if use_alarm:
             def on_alarm(signum, frame):
@@ -101,18 +111,19 @@ class CandidateCalls:
                 signal.signal(signal.SIGALRM, previous)
 
     def count_service_call(self, name: str) -> None:
-        self.service_calls += 1
-        if self.service_calls > MAX_SERVICE_CALLS:
+        if self.scheduler is not None and self.scheduler.current is not None:
+            # The three PTE stores share one point kind, so that a schedule
+            # says "before its first store" whichever one a design uses.
+            if name in _STORES:
+                self.yield_point("pte store", name)
+            else:
+                self.yield_point(name)
+        ctx = self.ctx
+        ctx.service_calls += 1
+        if ctx.service_calls > MAX_SERVICE_CALLS:
             raise CandidateError(
                 "timeout", f"more than {MAX_SERVICE_CALLS} service calls in one "
                 f"candidate call (last: {name}); it does not seem to return",
                 step=self.step)
 
-    def grace_period(self) -> None:
-        """An RCU grace period: run ``call_rcu`` callbacks once no reader is
-        inside a read-side critical section (as late as possible)."""
-        while self.rcu_callbacks and self.rcu_readers == 0:
-            callbacks, self.rcu_callbacks = self.rcu_callbacks, []
-            for cb in callbacks:
-                self._guarded(cb, "call_rcu callback", ())
-            self.monitors.after_call("call_rcu callback")
+

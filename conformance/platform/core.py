@@ -15,15 +15,17 @@ descriptor store and every completed candidate call.
 from __future__ import annotations
 
 import collections
-from typing import Callable
 
 from conformance.errors import CandidateError, PropertyViolation
 from conformance.platform.calls import CandidateCalls
 from conformance.platform.drops import DroppedPages
 from conformance.platform.host_events import HostEvents
+from conformance.platform.locking import Locking
 from conformance.platform.mmu import Mmu
 from conformance.platform.monitors import Monitors
 from conformance.platform.services import Services
+from conformance.platform.sync import Rcu, RwLock
+from conformance.platform.tasks import TaskContext
 from conformance.protocol import (
     SCTLR_C, SCTLR_M, Memslot, MemslotChange, NotifierRange, SysReg, VmConfig)
 from model import descriptors as d
@@ -34,7 +36,7 @@ from model.tlb import Tlb
 from model.walker import iter_leaves
 
 
-class Platform(CandidateCalls, Mmu, HostEvents):
+class Platform(CandidateCalls, Locking, Mmu, HostEvents):
     """The world of one generated program (see the module docstring)."""
 
     def __init__(self, config: VmConfig, monitors_cls=None):
@@ -45,23 +47,23 @@ class Platform(CandidateCalls, Mmu, HostEvents):
         self.tlbs = [Tlb() for _ in range(config.nr_vcpus)]
         self.sctlr = [0] * config.nr_vcpus
         self.tvm = [False] * config.nr_vcpus
-        self.cleaned: list[tuple[int, int]] = []  # DC CIVAC ranges of the current call
         self.memslots: dict[int, Memslot] = {}
         self.dirty: dict[int, set[int]] = {}
         self.pgd_pfn: int | None = None
         self.reachable: dict[int, tuple[int, int]] = {}  # table pfn -> (ipa, level)
         self.counters: collections.Counter = collections.Counter()
         self.events: set[str] = set()  # labels for hypothesis.event(), per step
-        self.current_vcpu: int | None = None
+        #: The running task's context (the one default context when sequential).
+        self.ctx = TaskContext()
+        #: The deterministic scheduler during a parallel step, else ``None``;
+        #: ``task_ctx`` maps its task ids to their contexts.
+        self.scheduler = None
+        self.task_ctx: dict[int, TaskContext] = {}
         self.step: str | None = None
         self.notifiers_in_progress: list[NotifierRange] = []
-        self.rcu_callbacks: list[Callable[[], None]] = []
-        self.rcu_readers = 0
-        self.mmu_lock_readers = 0
-        self.mmu_lock_writer = False
-        self.service_calls = 0
-        self.depth = 0
-        self.swallowed: PropertyViolation | None = None
+        # Every lock service is already a scheduling point (Services._enter).
+        self.mmu_lock = RwLock(None, "mmu_lock", points=False)
+        self.rcu = Rcu(None)
         self.released = False
         self.vmid_dead = False
         #: Slots whose dirty logging was turned off (and not on again since):
@@ -82,9 +84,45 @@ class Platform(CandidateCalls, Mmu, HostEvents):
         """Raise a violation. It is also remembered, so that a candidate which
         catches exceptions around service calls cannot hide it."""
         exc = self.violation(prop, message)
-        if self.swallowed is None:
-            self.swallowed = exc
+        if self.ctx.swallowed is None:
+            self.ctx.swallowed = exc
         raise exc
+
+    # ------------------------------------------------------------ tasks
+    def in_task(self) -> bool:
+        """Is a parallel step's task running (so this is a scheduling point)?"""
+        return self.scheduler is not None and self.scheduler.current is not None
+
+    def yield_point(self, kind: str, detail: str = "") -> None:
+        """A scheduling point of the running task: another task may run
+        before this returns, so the task's context is restored after it.
+        RCU callbacks whose grace period has elapsed become tasks here."""
+        s = self.scheduler
+        if self.rcu.pending():
+            self.rcu.poll()
+        s.point(kind, detail)
+        self.ctx = self.task_ctx[s.current]
+
+    def quiesce(self, label: str) -> None:
+        """Every task of a parallel step has finished: the checks that need
+        quiescence (refcounts, LOCKED entries, locks, GUP references, dirty
+        marks), then the RCU grace period the tasks' callbacks waited for."""
+        self.monitors.after_call(label)
+        self.grace_period()
+
+    @property
+    def current_vcpu(self) -> int | None:
+        """The running task's vCPU (``None`` on a host thread)."""
+        return self.ctx.vcpu
+
+    @current_vcpu.setter
+    def current_vcpu(self, vcpu: int | None) -> None:
+        self.ctx.vcpu = vcpu
+
+    @property
+    def cleaned(self) -> list[tuple[int, int]]:
+        """``dcache_clean_inval_poc`` ranges of the running task's current call."""
+        return self.ctx.cleaned
 
     # ----------------------------------------------------------- table memory
     def table(self, pfn: int, who: str) -> list[int]:

@@ -47,10 +47,12 @@ class HostEvents:
 
     def notify(self, rng: NotifierRange, mutate: Callable[[], None]) -> None:
         """``invalidate_range_start`` → host change → ``invalidate_range_end``."""
-        self.notifiers_in_progress.append(rng)
         self.counters[f"notifier: {rng.event.value}"] += 1
         mapped = self.mapped_pages(rng.start, rng.end)
         self.call("invalidate_range_start", rng)
+        # In progress once start has returned, not before: a concurrent fault
+        # may still install before start takes mmu_lock (start then unmaps it).
+        self.notifiers_in_progress.append(rng)
         self.counters["pages unmapped by notifiers"] += \
             mapped - self.mapped_pages(rng.start, rng.end)
         self.monitors.after_invalidate_start(rng)

@@ -173,7 +173,12 @@ class Monitors:
             return
         gfn = ipa >> 12
         slot = self.p.slot_for_gfn(gfn)
-        if slot is not None and slot.is_logging and gfn not in self.p.dirty.get(slot.id, ()):
+        if slot is None or (slot.id, gfn) in self.pending_dirty:
+            # Made writable by a fault still in flight (a parallel step): it
+            # must mark the page before it returns, which is checked when the
+            # step quiesces (rules §9.4 D2 (ii)).
+            return
+        if slot.is_logging and gfn not in self.p.dirty.get(slot.id, ()):
             self.fail("dirty-logging",
                       f"vCPU{vcpu} wrote gfn {gfn:#x} in logging memslot {slot.id} through "
                       f"{entry.describe()} but the gfn is not marked dirty: a writable "

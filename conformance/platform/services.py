@@ -222,7 +222,7 @@ class Services:
         read-only VMA). Must not be called with ``mmu_lock`` held."""
         self._enter("gup")
         p = self._p
-        if p.mmu_lock_writer or p.mmu_lock_readers:
+        if p.mmu_lock.held_by(p.task_id()) is not None:
             p.fail("locking", "gup() called with mmu_lock held: GUP may sleep and "
                    "raise MMU notifiers, which take mmu_lock")
         p.counters["gup"] += 1
@@ -259,32 +259,27 @@ class Services:
         return frozenset(bits)
 
     # ---------------------------------------------------- locks and RCU
+    # mmu_lock is a rwlock with owners (qrwlock fairness); in a parallel step
+    # a contended acquire parks the task, sequentially it is a deadlock.
     def write_lock(self) -> None:
         """``write_lock(&kvm->mmu_lock)``."""
         self._enter("write_lock")
-        p = self._p
-        if p.mmu_lock_writer or p.mmu_lock_readers:
-            p.fail("locking", "write_lock(mmu_lock) while it is held: deadlock")
-        p.mmu_lock_writer = True
+        self._p.lock_op("write_lock")
 
     def write_unlock(self) -> None:
+        """``write_unlock(&kvm->mmu_lock)``."""
         self._enter("write_unlock")
-        if not self._p.mmu_lock_writer:
-            self._p.fail("locking", "write_unlock(mmu_lock) without holding it")
-        self._p.mmu_lock_writer = False
+        self._p.lock_op("write_unlock")
 
     def read_lock(self) -> None:
         """``read_lock(&kvm->mmu_lock)``."""
         self._enter("read_lock")
-        if self._p.mmu_lock_writer:
-            self._p.fail("locking", "read_lock(mmu_lock) while write-held: deadlock")
-        self._p.mmu_lock_readers += 1
+        self._p.lock_op("read_lock")
 
     def read_unlock(self) -> None:
+        """``read_unlock(&kvm->mmu_lock)``."""
         self._enter("read_unlock")
-        if self._p.mmu_lock_readers <= 0:
-            self._p.fail("locking", "read_unlock(mmu_lock) without holding it")
-        self._p.mmu_lock_readers -= 1
+        self._p.lock_op("read_unlock")
 
     @contextlib.contextmanager
     def mmu_write_lock(self):
@@ -304,19 +299,34 @@ class Services:
 
     @contextlib.contextmanager
     def rcu_read_lock(self):
-        """``rcu_read_lock()`` ... ``rcu_read_unlock()``."""
+        """``rcu_read_lock()`` ... ``rcu_read_unlock()`` (a context manager;
+        the unlock is the service :meth:`rcu_read_unlock`)."""
         self._enter("rcu_read_lock")
-        self._p.rcu_readers += 1
+        self._p.lock_op("rcu_read_lock")
         try:
             yield
         finally:
-            self._p.rcu_readers -= 1
+            self.rcu_read_unlock()
+
+    def rcu_read_unlock(self) -> None:
+        """``rcu_read_unlock()``: leave the read-side critical section."""
+        self._enter("rcu_read_unlock")
+        self._p.lock_op("rcu_read_unlock")
 
     def call_rcu(self, callback: Callable[[], None]) -> None:
         """Run ``callback`` after a grace period (no earlier than the end of
         every read-side critical section that exists now)."""
         self._enter("call_rcu")
-        self._p.rcu_callbacks.append(callback)
+        self._p.queue_rcu(callback)
+
+    def cpu_relax(self) -> None:
+        """``cpu_relax()`` in a spin loop (e.g. waiting for another walker's
+        LOCKED entry): in a parallel step, another task runs first."""
+        self._enter("cpu_relax")
+        p = self._p
+        if p.in_task():
+            p.scheduler.cpu_relax()
+            p.resume()
 
 
 def _present(lines: dict, first: int, last: int):

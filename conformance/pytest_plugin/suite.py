@@ -11,8 +11,10 @@ registered candidate that is not a known-bug mutant (``known_bug = False``).
 A registered candidate that fails to import becomes a test that fails with the
 one-line import error, so one broken plug-in does not hide the others.
 
-Each test runs the sequential machine (:func:`conformance.machines.sequential.machine_for`)
-under the Hypothesis profile that is loaded *when the test runs*
+Each test runs the sequential machine (:func:`conformance.machines.sequential.machine_for`);
+a candidate that declares ``Capabilities(concurrent=True)`` also gets
+``TestParallel_<safe name>``, the parallel machine
+(:mod:`conformance.machines.parallel`). Both run under the Hypothesis profile that is loaded *when the test runs*
 (``--hypothesis-profile``, the ``ci`` auto-detection, or ``dev``), with
 ``deadline=None`` forced because a deadline would apply to a whole program.
 """
@@ -26,7 +28,7 @@ from hypothesis import settings as Settings
 from conformance import registry
 from conformance.errors import ConformanceFailure
 from conformance.failures import polish
-from conformance.machines.sequential import machine_for
+from conformance.machines.parallel import machine_class
 from conformance.pytest_plugin.selection import selected_candidates
 
 #: The candidate names this module was built for, in order.
@@ -73,10 +75,11 @@ def selection() -> list[tuple[str, type | Exception]]:
     return chosen
 
 
-def conformance_test_case(name: str, cls: type) -> type[unittest.TestCase]:
+def conformance_test_case(name: str, cls: type,
+                          machine_kind: str = "sequential") -> type[unittest.TestCase]:
     """The pytest-collectable TestCase running ``cls``'s conformance machine
-    under the current Hypothesis profile."""
-    machine = machine_for(name, cls)
+    of kind ``machine_kind`` under the current Hypothesis profile."""
+    machine = machine_class(name, cls, machine_kind)
     base = machine.TestCase
 
     def runTest(self):
@@ -96,7 +99,8 @@ def conformance_test_case(name: str, cls: type) -> type[unittest.TestCase]:
     runTest.is_hypothesis_test = True
     runTest._hypothesis_state_machine_class = machine
 
-    return type(f"TestConformance_{safe_name(name)}", (base,), {
+    prefix = "TestConformance" if machine_kind == "sequential" else "TestParallel"
+    return type(f"{prefix}_{safe_name(name)}", (base,), {
         "runTest": runTest,
         "settings": _CurrentProfileSettings(),
         "candidate_name": name,
@@ -117,17 +121,32 @@ def broken_test_case(name: str, error: Exception) -> type[unittest.TestCase]:
         "runTest": runTest, "candidate_name": name, "__module__": __name__})
 
 
+def _cases(name: str, found) -> list[type[unittest.TestCase]]:
+    """The sequential machine for every candidate, and the parallel machine
+    for those that declare ``Capabilities(concurrent=True)``."""
+    if isinstance(found, Exception):
+        return [broken_test_case(name, found)]
+    cases = [conformance_test_case(name, found)]
+    if getattr(getattr(found, "capabilities", None), "concurrent", False):
+        cases.append(conformance_test_case(name, found, "parallel"))
+    return cases
+
+
 def _build() -> None:
     for name, found in selection():
-        case = (broken_test_case(name, found) if isinstance(found, Exception)
-                else conformance_test_case(name, found))
-        attr, n = case.__name__, 2
-        while attr in globals():  # "a-b" and "a_b" both registered
-            attr = f"{case.__name__}_{n}"
-            n += 1
-        case.__name__ = case.__qualname__ = attr
-        globals()[attr] = case
-        __all__.append(attr)
+        for case in _cases(name, found):
+            _register(name, case)
+
+
+def _register(name: str, case) -> None:
+    attr, n = case.__name__, 2
+    while attr in globals():  # "a-b" and "a_b" both registered
+        attr = f"{case.__name__}_{n}"
+        n += 1
+    case.__name__ = case.__qualname__ = attr
+    globals()[attr] = case
+    __all__.append(attr)
+    if name not in SELECTED:
         SELECTED.append(name)
 
 

@@ -1,0 +1,303 @@
+"""The parallel machine (DESIGN §6): the sequential rules, plus steps in which
+2–4 operations run concurrently under the deterministic scheduler.
+
+A parallel step draws its operations (guest accesses by distinct vCPUs on the
+same or neighbouring pages, notifier invalidations) and a
+:class:`~conformance.platform.scheduler.Schedule` (a few preemptions) as rule
+arguments, so both shrink and replay exactly. Each operation runs as a task
+with its own :class:`~conformance.platform.tasks.TaskContext`; every service
+call, every level of a hardware walk and every data access is a scheduling
+point. When all tasks have finished, the checks that need quiescence run
+(refcounts, LOCKED entries, locks, GUP references, dirty marks) and the step
+must be linearizable: some order of its operations that respects real time
+lets the oracle accept every observation (:mod:`.linearizability`). The
+states that survive are kept (:class:`~.oracle_set.OracleSet`) and later
+steps prune them.
+
+Memslot changes and cache toggles stay sequential: SRCU is not modelled.
+"""
+
+from __future__ import annotations
+
+import signal
+import threading
+
+import attrs
+from hypothesis import strategies as st
+from hypothesis.stateful import precondition, rule
+
+from conformance.errors import CandidateError, PropertyViolation
+from conformance.machines import linearizability
+from conformance.machines.oracle_set import OracleSet
+from conformance.machines.sequential import Stage2Machine, machine_for
+from conformance.machines.steps import INDEX, checked, note
+from conformance.platform.calls import CALL_TIMEOUT
+from conformance.platform.scheduler import (
+    Deadlock, Livelock, Preemption, Schedule, Scheduler)
+from conformance.platform.tasks import TaskContext
+from model.host import PAGE, THP_SIZE
+
+#: Host operations a parallel step may run as a notifier invalidation.
+NOTIFIER_OPS = ("migrate", "madvise_dontneed", "mprotect_ro")
+#: Point kinds a preemption may count (None: every scheduling point). The
+#: stores come more often: a race is a preemption just before one, after the
+#: task read the entry it is about to change.
+POINT_KINDS = (None, "pte store", "pte store", "pte store", "pte store", "read_pte",
+               "read_lock", "write_lock", "gup", "hw access", "tlb_flush_vmid_ipa",
+               "dcache_clean_inval_poc", "put_page", "rcu_read_unlock")
+#: Which point of that kind: early ones are where two tasks first meet.
+AFTER = (1, 1, 1, 1, 2, 2, 3, 4, 6, 8, 12, 24)
+
+
+@attrs.frozen
+class OpSpec:
+    """One operation of a parallel step, as drawn: a guest ``read``,
+    ``write`` or ``fetch`` by ``vcpu``, or an ``invalidate`` (the notifier of
+    host operation ``host_op``), on the step's page or the one after it
+    (``neighbour``): the operations of a step meet on one 2 MiB window."""
+
+    kind: str
+    vcpu: int = 0
+    neighbour: bool = False
+    host_op: str = "migrate"
+
+
+OP = st.builds(OpSpec,
+               kind=st.sampled_from(("read", "write", "write", "fetch", "invalidate")),
+               vcpu=st.integers(0, 3), neighbour=st.sampled_from((False, False, False, True)),
+               host_op=st.sampled_from(NOTIFIER_OPS))
+OPS = st.lists(OP, min_size=2, max_size=4).map(tuple)
+PREEMPTION = st.builds(Preemption, task=st.integers(0, 3), after=st.sampled_from(AFTER),
+                       kind=st.sampled_from(POINT_KINDS), to=st.integers(0, 3))
+#: Shrinks to the empty schedule: each task runs until it finishes or blocks.
+SCHEDULES = st.lists(PREEMPTION, max_size=4).map(lambda ps: Schedule(tuple(ps)))
+
+
+@attrs.frozen
+class _Planned:
+    label: str
+    run: object      # () -> observation, on the platform
+    apply: object    # (oracle, observation) -> bool
+
+
+class ParallelMachine(Stage2Machine):
+    """Subclassed per candidate by :func:`parallel_machine_for`."""
+
+    kind = "parallel"
+
+    def __init__(self):
+        super().__init__()
+        #: The realized interleaving of every parallel step so far, as text
+        #: (``Event.describe()``): what a replay must reproduce exactly.
+        self.interleavings: list[tuple[str, ...]] = []
+
+    def _boot(self, config, layout):
+        super()._boot(config, layout)
+        self.oracle = OracleSet([self.oracle])
+
+    # ``refault``: the host migrates the page first (NUMA balancing,
+    # compaction), so the vCPUs fault on it together: the race the seeds are
+    # about. Drawn independently, concurrent faults on one unmapped page are
+    # about one parallel step in ten.
+    @precondition(lambda self: self.live)
+    @rule(where=INDEX, ops=OPS, schedule=SCHEDULES, refault=st.booleans())
+    @checked
+    def parallel(self, where, ops, schedule, refault=False):
+        """Run ``ops`` concurrently, on the page at ``where`` and the next,
+        under ``schedule`` (after migrating the page, with ``refault``); then
+        quiescence checks and linearizability."""
+        if refault:
+            self._migrate(where)
+        planned = self._plan(where, ops)
+        if not planned:
+            return
+        p = self.platform
+        sched = Scheduler(_fit(schedule, len(planned)))
+        records: list[linearizability.Op] = []
+        for i, op in enumerate(planned):
+            sched.spawn(self._task(sched, i, op, records), name=op.label)
+        p.scheduler, main = sched, p.ctx
+        p.mmu_lock.scheduler = p.rcu.scheduler = sched
+        try:
+            self._run_watched(sched)
+        except (Deadlock, Livelock) as exc:
+            raise PropertyViolation(
+                "forward-progress", f"parallel step: {type(exc).__name__.lower()}: {exc}",
+                step=p.step) from None
+        finally:
+            p.scheduler, p.ctx, p.task_ctx = None, main, {}
+            p.mmu_lock.scheduler = p.rcu.scheduler = None
+            self.interleavings.append(tuple(e.describe() for e in sched.trace))
+        self._event(f"parallel: {len(planned)} ops")
+        if sched.statistics().preemptions_fired:
+            self._event("parallel: a preemption fired")
+        p.quiesce("parallel step")
+        self._linearize(sorted(records, key=lambda r: r.index))
+
+    def _migrate(self, where) -> None:
+        """Migrate the page (or THP) at ``where``, sequentially, as the
+        ``host_mm`` rule does: the notifier unmaps it at stage 2."""
+        hva = self._hva(where)
+        pte = None if hva is None else self.platform.host.pte(hva)
+        if pte is None:
+            return
+        size = THP_SIZE if pte.huge else PAGE
+        start = hva & ~(size - 1)
+        self.platform.host_op("migrate", start, start + size)
+        self.oracle.host_op("migrate", start, start + size)
+
+    # ------------------------------------------------------------ planning
+    def _plan(self, where, ops) -> list[_Planned]:
+        used, out = set(), []
+        for spec in ops:
+            gfn = self._gfn(where) + (1 if spec.neighbour else 0)
+            if spec.kind == "invalidate":
+                planned = self._plan_invalidate(spec, gfn)
+            else:
+                vcpu = self._vcpu(spec.vcpu)
+                if vcpu in used:
+                    continue  # at most one operation per vCPU
+                used.add(vcpu)
+                planned = self._plan_guest(spec, vcpu, gfn)
+            if planned is not None:
+                out.append(planned)
+        return out
+
+    def _plan_guest(self, spec, vcpu, gfn) -> _Planned:
+        kind = spec.kind if spec.kind != "fetch" else "exec"
+        if kind == "exec" and self.oracle.slot_for_gfn(gfn) is None:
+            kind = "read"  # fetches from MMIO inject aborts: not modelled
+        value = self._value(f"guest write by vCPU{vcpu}") if kind == "write" else None
+        p = self.platform
+
+        def run():
+            return p.guest_access(vcpu, gfn << 12, kind, value)
+
+        def apply(oracle, got):
+            return got in oracle.guest_access(vcpu, gfn, kind, value, observed=got)
+
+        what = f" = {value}" if value is not None else ""
+        return _Planned(f"vCPU{vcpu} {kind} gfn {gfn:#x}{what}", run, apply)
+
+    def _plan_invalidate(self, spec, gfn) -> _Planned | None:
+        slot = self.platform.slot_for_gfn(gfn)
+        if slot is None:
+            return None
+        hva = slot.gfn_to_hva(gfn)
+        host, op = self.platform.host, spec.host_op
+        pte = host.pte(hva)
+        if host.vma_at(hva) is None or (op == "migrate" and (pte is None or pte.huge)):
+            return None
+        if pte is not None and pte.huge:
+            return None  # a THP split first: sequential host_mm covers it
+        p = self.platform
+
+        def run():
+            p.host_op(op, hva, hva + PAGE)
+
+        def apply(oracle, _observed):
+            oracle.host_op(op, hva, hva + PAGE)
+            return True
+
+        return _Planned(f"notifier {op} hva {hva:#x}", run, apply)
+
+    # ------------------------------------------------------------- running
+    def _task(self, sched, index, op, records):
+        p = self.platform
+
+        def body():
+            ctx = TaskContext(name=op.label)
+            p.task_ctx[sched.current] = ctx
+            p.ctx = ctx
+            call = sched.statistics().decisions
+            got = op.run()
+            records.append(linearizability.Op(
+                index=index, label=op.label, call=call,
+                ret=sched.statistics().decisions, observation=got, apply=op.apply))
+        return body
+
+    def _run_watched(self, sched) -> None:
+        """One watchdog for the whole step (not one alarm per call)."""
+        if not (hasattr(signal, "setitimer")
+                and threading.current_thread() is threading.main_thread()):
+            sched.run()
+            return
+
+        def on_alarm(signum, frame):
+            raise CandidateError("timeout", f"a parallel step did not finish within "
+                                 f"{CALL_TIMEOUT:g}s", step=self.platform.step)
+        previous = signal.signal(signal.SIGALRM, on_alarm)
+        signal.setitimer(signal.ITIMER_REAL, CALL_TIMEOUT)
+        try:
+            sched.run()
+        finally:
+            signal.setitimer(signal.ITIMER_REAL, 0)
+            signal.signal(signal.SIGALRM, previous)
+
+    # ------------------------------------------------------------ checking
+    def _linearize(self, records) -> None:
+        result = linearizability.check(self.oracle.states, records)
+        if result.status == "pass":
+            self.oracle = OracleSet(result.survivors)
+            if len(self.oracle) > 1:
+                self._event("parallel: several oracle states survive")
+            return
+        orders = "; ".join(" -> ".join(records[i].label for i in order) or "(none)"
+                           for order in result.orders[:3])
+        seen = "; ".join(f"{r.label}: {self._describe(r.observation)}" for r in records)
+        if result.status == "unknown":
+            note(f"linearizability search gave up after {result.explored} configurations")
+            raise PropertyViolation(
+                "guest-observation", f"parallel step: no verdict within the search budget "
+                f"({result.explored} configurations); observations: {seen}",
+                step=self.platform.step)
+        raise PropertyViolation(
+            "guest-observation", f"parallel step: no order of the operations that respects "
+            f"real time explains what they observed ({seen}); longest consistent "
+            f"prefixes: {orders}", step=self.platform.step)
+
+    def _describe(self, observation) -> str:
+        return "done" if observation is None else self._explain(observation)
+
+
+def _fit(schedule: Schedule, n: int) -> Schedule:
+    """The schedule for ``n`` tasks: task ids modulo ``n``, and a preemption
+    to the task itself goes to the next one instead (drawn independently of
+    how many operations the step keeps, so it shrinks independently too)."""
+    fitted = []
+    for p in schedule.preemptions:
+        task, to = p.task % n, p.to % n
+        if to == task:
+            to = (task + 1) % n
+        fitted.append(attrs.evolve(p, task=task, to=to))
+    return Schedule(tuple(fitted))
+
+
+def parallel_machine_for(name: str, candidate_cls: type,
+                         class_name: str | None = None) -> type[ParallelMachine]:
+    """The parallel machine bound to one candidate (see ``machine_for``)."""
+    safe = class_name or "ParallelMachine_" + "".join(c if c.isalnum() else "_" for c in name)
+    return machine_for(name, candidate_cls, class_name=safe, base=ParallelMachine,
+                       min_vcpus=2)
+
+
+#: The machines a candidate can be run against.
+MACHINES = ("sequential", "parallel")
+
+
+def machine_class(name: str, candidate_cls: type, machine: str = "sequential",
+                  class_name: str | None = None):
+    """The machine class of kind ``machine`` bound to ``candidate_cls``."""
+    if machine == "sequential":
+        return machine_for(name, candidate_cls, class_name=class_name)
+    if machine == "parallel":
+        caps = getattr(candidate_cls, "capabilities", None)
+        if not getattr(caps, "concurrent", False):
+            raise ValueError(f"candidate {name!r} does not declare "
+                             "Capabilities(concurrent=True): the parallel machine runs "
+                             "its operations concurrently (docs/candidate-protocol.md)")
+        return parallel_machine_for(name, candidate_cls,
+                                    class_name=class_name and class_name + "_parallel")
+    raise ValueError(f"unknown machine {machine!r}; known: {', '.join(MACHINES)}")
+
+

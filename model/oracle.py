@@ -57,6 +57,7 @@ import attrs
 
 from conformance.protocol import SCTLR_C, SCTLR_M, Exit, Memslot, VmConfig
 from model import cache
+from model.vmas import cut, set_writable
 from model.cache import FRESH_ZEROED, LineState
 
 PAGE = 1 << 12
@@ -309,14 +310,14 @@ class Oracle:
                 del self.pages[h]
                 self.ksm.discard(h)
             if op == "munmap":
-                self.vmas = _cut(self.vmas, start, end)
+                self.vmas = cut(self.vmas, start, end)
         elif op in ("migrate", "thp_collapse"):
             for h in self._pages_in(start, end):
                 self._copy(h)
                 if op == "thp_collapse":
                     self.ksm.discard(h)
         elif op in ("mprotect_ro", "mprotect_rw"):
-            self.vmas = _set_writable(self.vmas, start, end, op == "mprotect_rw")
+            self.vmas = set_writable(self.vmas, start, end, op == "mprotect_rw")
         elif op == "ksm_merge":
             self.pages[start] = self._page(other)
             self.ksm |= {start, other}
@@ -397,25 +398,3 @@ def _mapped(fn, states: frozenset, idc: bool, dic: bool) -> frozenset[LineState]
 @functools.lru_cache(maxsize=4096)
 def _closure(states: frozenset, idc: bool, dic: bool) -> frozenset[LineState]:
     return cache.hw_closure(states, idc=idc, dic=dic)
-
-
-def _cut(vmas, start, end):
-    out = []
-    for s, e, w in vmas:
-        if e <= start or end <= s:
-            out.append((s, e, w))
-            continue
-        if s < start:
-            out.append((s, start, w))
-        if end < e:
-            out.append((end, e, w))
-    return out
-
-
-def _set_writable(vmas, start, end, writable):
-    out = []
-    for s, e, w in vmas:
-        cuts = sorted({s, e} | {x for x in (start, end) if s < x < e})
-        for a, b in zip(cuts, cuts[1:]):
-            out.append((a, b, writable if start <= a and b <= end else w))
-    return out

@@ -30,8 +30,10 @@ class DroppedPages:
         #: Block leaves broken in the current candidate call:
         #: (table pfn, index, ipa, level, old descriptor).
         self.broken: list[tuple[int, int, int, int, int]] = []
-        #: hva -> pfn of every page dropped without CMO and not cleaned since.
+        #: hva -> pfn of every page dropped without CMO and not cleaned since,
+        #: and the same by pfn.
         self.pages: dict[int, int] = {}
+        self.by_pfn: dict[int, set[int]] = {}
 
     def block_broken(self, pfn: int, idx: int, ipa: int, level: int, old: int) -> None:
         """A valid block leaf was replaced by an invalid entry (cheap: settled
@@ -61,24 +63,46 @@ class DroppedPages:
                     continue
                 slot = p.slot_for_gfn((ipa + off) >> 12)
                 if slot is not None:
-                    self.pages[slot.gfn_to_hva((ipa + off) >> 12)] = pa >> 12
+                    self._record(slot.gfn_to_hva((ipa + off) >> 12), pa >> 12)
                     p.counters["pages dropped by a block split without CMO"] += 1
 
+    def _record(self, hva: int, pfn: int) -> None:
+        self._drop(hva)
+        self.pages[hva] = pfn
+        self.by_pfn.setdefault(pfn, set()).add(hva)
+
+    def _drop(self, hva: int) -> bool:
+        pfn = self.pages.pop(hva, None)
+        if pfn is None:
+            return False
+        hvas = self.by_pfn[pfn]
+        hvas.discard(hva)
+        if not hvas:
+            del self.by_pfn[pfn]
+        return True
+
     def cleaned(self, first_pfn: int, last_pfn: int) -> None:
-        """DC CIVAC of pfns ``[first_pfn, last_pfn]``."""
-        if self.pages:
-            self.pages = {h: f for h, f in self.pages.items()
-                          if not first_pfn <= f <= last_pfn}
+        """DC CIVAC of pfns ``[first_pfn, last_pfn]`` (on the CMO path: only
+        the pfns recorded are looked at)."""
+        if not self.by_pfn:
+            return
+        if last_pfn - first_pfn < len(self.by_pfn):
+            hit = [f for f in range(first_pfn, last_pfn + 1) if f in self.by_pfn]
+        else:
+            hit = [f for f in self.by_pfn if first_pfn <= f <= last_pfn]
+        for pfn in hit:
+            for hva in self.by_pfn.pop(pfn):
+                del self.pages[hva]
 
     def forget(self, start: int, end: int) -> None:
         """The host dropped hvas ``[start, end)`` (munmap, MADV_DONTNEED)."""
-        if self.pages:
-            self.pages = {h: f for h, f in self.pages.items() if not start <= h < end}
+        for hva in [h for h in self.pages if start <= h < end]:
+            self._drop(hva)
 
     def take(self, hva: int) -> bool:
         """Is ``hva`` a dropped, uncleaned page? If so it is counted now and
         no longer recorded."""
-        return self.pages.pop(hva, None) is not None
+        return self._drop(hva)
 
 
 def _cleaned(ranges, pa: int) -> bool:

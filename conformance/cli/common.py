@@ -204,3 +204,12 @@ def finding_lines(counters: dict) -> list[str]:
                        f"and reported instead of failed (see {page})")
     return out
 
+
+def markdown_table(header: list[str], body: list[list[str]], left: int) -> list[str]:
+    """A Markdown table's lines: the first ``left`` columns left-aligned, the
+    rest right-aligned, ``|`` in cells escaped."""
+    lines = ["| " + " | ".join(header) + " |",
+             "|" + "|".join("---" if i < left else "---:" for i in range(len(header))) + "|"]
+    return lines + ["| " + " | ".join(c.replace("|", "\\|") for c in row) + " |"
+                    for row in body]
+

@@ -8,7 +8,8 @@ import sys
 
 from conformance import registry
 from conformance.cli.common import (
-    PROG, default_candidates, positive, print_table, stdout_is_terminal, timed_run, write_out)
+    PROG, default_candidates, markdown_table, positive, print_table, stdout_is_terminal,
+    timed_run, write_out)
 
 #: The machines a candidate can be run against; ``parallel`` only for
 #: candidates that declare ``Capabilities(concurrent=True)``.
@@ -111,10 +112,7 @@ def _matrix_table_cells(rows: list[dict]) -> tuple[list[str], list[list[str]]]:
 
 
 def matrix_markdown(rows: list[dict]) -> str:
-    header, body = _matrix_table_cells(rows)
-    lines = ["| " + " | ".join(header) + " |",
-             "|" + "|".join("---" if i < 3 else "---:" for i in range(len(header))) + "|"]
-    lines += ["| " + " | ".join(c.replace("|", "\\|") for c in row) + " |" for row in body]
+    lines = markdown_table(*_matrix_table_cells(rows), left=3)
     if rows:
         r = rows[0]
         how = (f"profile `{r['profile']}`" + (f", seed {r['seed']}" if r["seed"] is not None

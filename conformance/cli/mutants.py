@@ -9,8 +9,8 @@ import sys
 
 from conformance import registry
 from conformance.cli.common import (
-    PROG, default_candidates, fmt, median, positive, print_table, stdout_is_terminal, timed_run,
-    write_out)
+    PROG, default_candidates, fmt, markdown_table, median, positive, print_table,
+    stdout_is_terminal, timed_run, write_out)
 
 def mutant_row(name: str, seeds: int, profile: str, examples: int) -> dict:
     """Run mutant ``name`` once per seed ``0 .. seeds-1`` and summarise."""
@@ -73,10 +73,7 @@ def _mutant_cells(rows: list[dict]) -> tuple[list[str], list[list[str]]]:
 
 
 def mutants_markdown(rows: list[dict]) -> str:
-    header, body = _mutant_cells(rows)
-    lines = ["| " + " | ".join(header) + " |",
-             "|" + "|".join("---" if i < 4 else "---:" for i in range(len(header))) + "|"]
-    lines += ["| " + " | ".join(c.replace("|", "\\|") for c in row) + " |" for row in body]
+    lines = markdown_table(*_mutant_cells(rows), left=4)
     if rows:
         r = rows[0]
         lines += ["", f"Medians over {r['runs']} seeded runs (seeds 0–{r['runs'] - 1}) of "

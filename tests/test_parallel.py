@@ -134,3 +134,32 @@ def test_a_write_through_a_leaf_another_fault_is_still_installing_is_legal():
                             [("boot", dict(config=config, layout=logging)), step], "parallel")
     assert failure is None, str(failure)
     assert "parallel: a preemption fired" in machine.events
+
+
+def test_the_report_shows_the_failing_steps_interleaving_and_replay_repeats_it(monkeypatch):
+    """The replay document records every parallel step's realized interleaving;
+    the report of a failure inside a parallel step shows that step's, and a
+    replay of the document realizes the same interleaving again."""
+    from conformance.failures import document, report
+    from conformance.failures.replay import replay_machine
+    from conformance.platform import mmu
+
+    real = mmu.Mmu._perform
+
+    def lying(self, vcpu, ipa, entry, kind, value):
+        got = real(self, vcpu, ipa, entry, kind, value)
+        return Outcome(value=12345) if kind == "read" and self.scheduler else got
+
+    monkeypatch.setattr(mmu.Mmu, "_perform", lying)
+    failure, machine = _play(ClassicCandidate, _parallel())
+    assert failure is not None and failure.step.startswith("2: parallel(")
+    doc = document.replay_document("scripted", ClassicCandidate, failure, machine.calls,
+                                   machine.trace, {}, machine=machine)
+    assert doc["format"] == 3 and doc["machine"] == "parallel"
+    assert doc["interleavings"] == [list(machine.interleavings[0])]
+    text = report.text(report.from_doc(doc))
+    assert "interleaving of the failing parallel step:" in text
+    assert "switch  to task 1 (preemption #0)" in text
+    encoded = document.decode(document.encode(doc))  # as a file would round-trip it
+    _result, _again, out = replay_machine(encoded, ClassicCandidate, candidate="scripted")
+    assert out["interleavings"] == doc["interleavings"]

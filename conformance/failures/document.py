@@ -5,7 +5,8 @@ so a failing program is a list of ``(rule, kwargs)`` that re-runs exactly,
 without Hypothesis (:mod:`conformance.failures.replay`). The files are written
 by :mod:`conformance.failures.files`.
 
-A replay file (format 2) is a JSON object with:
+A replay file (format 3; format 2 files, without ``machine`` and
+``interleavings``, still replay) is a JSON object with:
 
 ``format``, ``suite_version``, ``hypothesis_version``
 ``candidate``, ``candidate_version``
@@ -13,6 +14,9 @@ A replay file (format 2) is a JSON object with:
                             a parallel step is the rule ``parallel`` with its
                             ``ops`` (``OpSpec``) and ``schedule`` (``Schedule``
                             of ``Preemption``), so it replays exactly
+``interleavings``           for the parallel machine: the realized interleaving
+                            of every parallel step, in order (one text line per
+                            scheduling decision: decision, task, point, detail)
 ``config``, ``layout``      the VM configuration and memslot/VMA layout (also
                             the arguments of the first step, ``boot``)
 ``settings``                the Hypothesis settings of the run that found it
@@ -41,7 +45,7 @@ from conformance.platform.scheduler import Preemption, Schedule
 from conformance.protocol import Memslot, VmConfig
 from strategies.layouts import Layout, Vma
 
-FORMAT = 2
+FORMAT = 3
 _TYPES = {cls.__name__: cls for cls in (VmConfig, Layout, Memslot, Vma, OpSpec, Schedule,
                                         Preemption)}
 
@@ -159,6 +163,8 @@ def replay_document(candidate: str, candidate_cls: type, failure: ConformanceFai
         "state": {},
         "counters": dict(counters),
     }
+    if getattr(machine, "interleavings", None):
+        doc["interleavings"] = [list(run) for run in machine.interleavings]
     if machine is not None:
         step_no = state.step_number(failure.step)
         doc["observations"] = state.observations(machine)

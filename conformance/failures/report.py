@@ -68,6 +68,8 @@ class Report:
     replay_path: str | None = None
     report_path: str | None = None
     caches: list[str] = attrs.Factory(list)
+    #: The realized interleaving of the failing parallel step (empty otherwise).
+    interleaving: list[str] = attrs.Factory(list)
     #: Steps :mod:`conformance.failures.polish` deleted from Hypothesis's shrunk program.
     deleted_steps: int = 0
 
@@ -135,7 +137,18 @@ def from_doc(doc: dict, *, replay_path: str | None = None,
         tree=list(state.get("tree", ())), tlbs=list(state.get("tlbs", ())),
         leaves=list(state.get("leaves", ())), counters=dict(doc.get("counters") or {}),
         settings=doc.get("settings"), replay_path=replay_path, report_path=report_path,
-        caches=list(state.get("caches", ())), deleted_steps=doc.get("deleted_steps", 0))
+        caches=list(state.get("caches", ())), deleted_steps=doc.get("deleted_steps", 0),
+        interleaving=_failing_interleaving(doc, failed_no))
+
+
+def _failing_interleaving(doc: dict, failed_no: int | None) -> list[str]:
+    """The recorded interleaving of the parallel step that failed, if it is one."""
+    parallel = [n for n, step in enumerate(doc.get("steps", ()), start=1)
+                if step.get("rule") == "parallel"]
+    runs = doc.get("interleavings") or []
+    if failed_no not in parallel or len(runs) < parallel.index(failed_no) + 1:
+        return []
+    return list(runs[parallel.index(failed_no)])
 
 
 def _settings_line(settings: dict | None) -> str | None:
@@ -190,6 +203,9 @@ def markdown(report: Report) -> str:
                   "```", *report.tlbs, "```", ""]
     if report.caches:
         lines += ["## Caches at the failing step", "", "```", *report.caches, "```", ""]
+    if report.interleaving:
+        lines += ["## Interleaving of the failing parallel step", "", "```",
+                  *report.interleaving, "```", ""]
     if report.leaves:
         lines += ["## All stage-2 leaves", "", "```", *report.leaves, "```", ""]
     if report.counters:
@@ -232,6 +248,9 @@ def text(report: Report) -> str:
     if report.caches:
         out.append("caches at the failing step:")
         out.extend(f"  {line}" for line in report.caches)
+    if report.interleaving:
+        out.append("interleaving of the failing parallel step:")
+        out.extend(f"  {line}" for line in report.interleaving)
     if report.leaves:
         out.append("all stage-2 leaves: " + report.leaves[0])
         out.extend(f"  {line}" for line in report.leaves[1:])
@@ -301,6 +320,10 @@ def renderable(report: Report):
     if report.caches:
         parts.append(Panel(Text("\n".join(report.caches)), box=box.SQUARE, expand=False,
                            title="caches at the failing step", title_align="left"))
+    if report.interleaving:
+        parts.append(Panel(Text("\n".join(report.interleaving)), box=box.SQUARE,
+                           expand=False, title="interleaving of the failing parallel step",
+                           title_align="left"))
     if report.leaves:
         parts.append(Panel(Text("\n".join(report.leaves)), box=box.SQUARE, expand=False,
                            title="all stage-2 leaves", title_align="left"))

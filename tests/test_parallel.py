@@ -163,3 +163,24 @@ def test_the_report_shows_the_failing_steps_interleaving_and_replay_repeats_it(m
     encoded = document.decode(document.encode(doc))  # as a file would round-trip it
     _result, _again, out = replay_machine(encoded, ClassicCandidate, candidate="scripted")
     assert out["interleavings"] == doc["interleavings"]
+
+
+def test_step_deletion_also_simplifies_inside_a_parallel_step():
+    """Redundant preemptions and operations of a failing parallel step go,
+    and a late preemption moves to the first point of its kind."""
+    from conformance.failures.polish import delete_steps
+
+    noisy = _parallel(ops=(OpSpec("read", 0), OpSpec("write", 1), OpSpec("invalidate", 0,
+                                                                        host_op="mprotect_ro")),
+                      schedule=Schedule((Preemption(0, 1, "pte store", 1),
+                                         Preemption(1, 24, "read_lock", 0))))
+    calls = [BOOT, ("guest_cache_control", dict(vcpu=1, op="caches on")), noisy]
+    failure, _ = play("scripted", PlainStoreInSharedWalk, calls, "parallel")
+    assert failure is not None
+    polished = delete_steps("scripted", PlainStoreInSharedWalk, calls, failure,
+                            machine="parallel")
+    assert polished is not None
+    steps = [rule for rule, _ in polished.calls]
+    assert steps == ["boot", "parallel"]
+    args = polished.calls[1][1]
+    assert len(args["schedule"].preemptions) <= 1 and len(args["ops"]) <= 2

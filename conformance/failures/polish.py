@@ -17,6 +17,11 @@ Each attempt is one replay without Hypothesis (no files written), so the pass
 costs a few replays of a program Hypothesis has already made short. A
 candidate that timed out is left alone: each replay would wait out the
 timeout again.
+
+On the parallel machine the pass then simplifies inside each remaining
+parallel step: it drops a preemption, drops an operation, or moves a
+preemption to the first point of its kind, keeping each change after which
+the program fails the same way.
 """
 
 from __future__ import annotations
@@ -81,9 +86,48 @@ def delete_steps(name: str, cls: type, calls, failure: ConformanceFailure,
             if got is not None and same_failure(got, failure):
                 best, best_failure, best_machine, changed = trial, got, played, True
             i -= 1
+    changed = machine == "parallel"
+    while changed and attempts < max_attempts:
+        changed = False
+        for trial in _inside_parallel_steps(best):
+            if attempts >= max_attempts:
+                break
+            attempts += 1
+            got, played = play(name, cls, trial, machine)
+            if got is not None and same_failure(got, failure):
+                best, best_failure, best_machine, changed = trial, got, played, True
+                break  # the next simplifications start from this program
     if best_machine is None:
         return None
     return Polished(best, best_failure, best_machine, len(calls) - len(best))
+
+
+def _inside_parallel_steps(calls):
+    """Simpler versions of ``calls``, one change inside one parallel step at
+    a time: without a preemption, without an operation, with a preemption's
+    ``after`` at 1 (the caller starts again from each change it keeps)."""
+    i = len(calls) - 1
+    while i >= 1:
+        rule, args = calls[i]
+        if rule == "parallel":
+            for simpler in _simpler_steps(args):
+                yield calls[:i] + (("parallel", simpler),) + calls[i + 1:]
+        i -= 1
+
+
+def _simpler_steps(args):
+    schedule, ops = args["schedule"], tuple(args["ops"])
+    preemptions = schedule.preemptions
+    for k in range(len(preemptions) - 1, -1, -1):
+        yield {**args, "schedule": attrs.evolve(
+            schedule, preemptions=preemptions[:k] + preemptions[k + 1:])}
+    for k in range(len(ops) - 1, -1, -1):
+        if len(ops) > 1:
+            yield {**args, "ops": ops[:k] + ops[k + 1:]}
+    for k, p in enumerate(preemptions):
+        if p.after > 1:
+            yield {**args, "schedule": attrs.evolve(schedule, preemptions=(
+                preemptions[:k] + (attrs.evolve(p, after=1),) + preemptions[k + 1:]))}
 
 
 def after_failure(name: str, cls: type, found):

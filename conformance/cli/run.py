@@ -87,7 +87,8 @@ def add_parser(sub) -> None:
 
     p = sub.add_parser(
         "run", help="run the conformance machine against one candidate",
-        description="Run the sequential conformance machine against one registered "
+        description="Run the sequential conformance machine (or, with --machine "
+                    "parallel, the parallel one) against one registered "
                     "candidate. On failure, print the report (the violated property, "
                     "the numbered steps with expected vs observed, the stage-2 tables "
                     "and TLBs at the failing step, the cost counters) and the paths of "

@@ -242,7 +242,10 @@ class Platform(CandidateCalls, Locking, Mmu, HostEvents):
         self.monitors.after_memslot(old, new, change)
 
     def get_dirty_log(self, slot: Memslot) -> frozenset[int]:
-        got = self.call("get_dirty_log", slot, returns=(frozenset, set))
+        try:
+            got = self.call("get_dirty_log", slot, returns=(frozenset, set))
+        finally:
+            self.monitors.harvesting.pop(slot.id, None)
         bad = [g for g in got if not isinstance(g, int) or not slot.contains_gfn(g)]
         if bad:
             raise CandidateError("bad-return", f"get_dirty_log(slot {slot.id}) returned "

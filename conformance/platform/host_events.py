@@ -56,6 +56,8 @@ class HostEvents:
         self.counters["pages unmapped by notifiers"] += \
             mapped - self.mapped_pages(rng.start, rng.end)
         self.monitors.after_invalidate_start(rng)
+        if self.in_task():  # a fault may run between start and the change
+            self.yield_point("host pte change", rng.event.value)
         mutate()
         self.notifiers_in_progress.remove(rng)
         self.call("invalidate_range_end", rng)
@@ -101,7 +103,11 @@ class HostEvents:
     def aging(self, op: str, start: int, end: int) -> bool:
         rng = NotifierRange(start, end, NotifierEvent.CLEAR)
         before = self.monitors.before_aging(rng)
-        young = self.call(op, rng, returns=bool)
+        self.ctx.aging = True
+        try:
+            young = self.call(op, rng, returns=bool)
+        finally:
+            self.ctx.aging = False
         self.counters[f"aging: {op}"] += 1
         self.monitors.after_aging(op, rng, before, young)
         return young

@@ -51,6 +51,10 @@ class Monitors:
         self.p = platform
         self.touched: set[int] = set()
         self.pending_dirty: set[tuple[int, int]] = set()
+        #: gfns per memslot taken by a harvest that has not returned yet.
+        self.harvesting: dict[int, set[int]] = {}
+        #: Descriptor stores so far, by anyone.
+        self.stores = 0
         self.last_valid: dict[tuple[int, int], int] = {}
 
     def fail(self, prop: str, message: str):
@@ -59,10 +63,17 @@ class Monitors:
     # ------------------------------------------------------ descriptor stores
     def on_store(self, pfn: int, idx: int, old: int, new: int) -> None:
         self.touched.add(pfn)
+        self.stores += 1
+        ctx = self.p.ctx
+        ctx.stores += 1
         loc = self.p.entry_ipa(pfn, idx)
         if loc is None or old == new:
             return
         ipa, level = loc
+        if ctx.aging and not (d.is_valid(old) and new == old & ~d.AF):
+            self.fail("aging", f"aging stored {d.describe(new, level)} over "
+                      f"{d.describe(old, level)} at IPA {ipa:#x} L{level}: aging may only "
+                      "clear AF (rules §9.5 N4)")
         if d.is_valid(old) and d.is_valid(new):
             if d.is_table(old, level) or d.is_table(new, level) or (old ^ new) & ~ATTR_ONLY:
                 self.fail("break-before-make",
@@ -178,7 +189,8 @@ class Monitors:
             # must mark the page before it returns, which is checked when the
             # step quiesces (rules §9.4 D2 (ii)).
             return
-        if slot.is_logging and gfn not in self.p.dirty.get(slot.id, ()):
+        if slot.is_logging and gfn not in self.p.dirty.get(slot.id, ()) \
+                and gfn not in self.harvesting.get(slot.id, ()):
             self.fail("dirty-logging",
                       f"vCPU{vcpu} wrote gfn {gfn:#x} in logging memslot {slot.id} through "
                       f"{entry.describe()} but the gfn is not marked dirty: a writable "
@@ -259,10 +271,20 @@ class Monitors:
         self.pending_dirty = pending
 
     def before_aging(self, rng: NotifierRange):
-        return [(step.ipa, leaf) for slot, lo, hi in self.p.ipa_ranges(rng.start, rng.end)
-                for step, leaf in self.p.leaves(lo, hi)]
+        ctx = self.p.ctx
+        leaves = [(step.ipa, leaf) for slot, lo, hi in self.p.ipa_ranges(rng.start, rng.end)
+                  for step, leaf in self.p.leaves(lo, hi)]
+        return leaves, self.stores - ctx.stores
 
     def after_aging(self, op: str, rng: NotifierRange, before, young: bool) -> None:
+        """What aging returned and left behind, against the leaves before it.
+        If another task of a parallel step stored meanwhile, only the
+        per-store rule applies (:meth:`on_store`): the snapshot no longer
+        tells what the call saw."""
+        ctx = self.p.ctx
+        before, others = before
+        if self.stores - ctx.stores != others:
+            return
         expected = any(leaf.af for _, leaf in before)
         if young != expected:
             self.fail("aging", f"{op}(hva {rng.start:#x}-{rng.end:#x}) returned {young}, "
@@ -294,7 +316,10 @@ class Monitors:
 
     def _check_protected(self, slot, why: str) -> None:
         lo, hi = slot.base_gfn << 12, slot.end_gfn << 12
-        dirty = self.p.dirty.get(slot.id, set())
+        # Pages a fault of a parallel step has made writable and will mark
+        # before it returns (checked when the step quiesces) are exempt.
+        dirty = self.p.dirty.get(slot.id, set()) | \
+            {gfn for slot_id, gfn in self.pending_dirty if slot_id == slot.id}
         for step, leaf in self.p.leaves(lo, hi):
             if leaf.write and (step.ipa >> 12) not in dirty:
                 self.fail("dirty-logging", f"after {why}, stage 2 still maps IPA "

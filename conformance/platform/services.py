@@ -249,6 +249,9 @@ class Services:
         self._enter("mark_page_dirty")
         if slot.is_logging and slot.id in self._p.dirty and slot.contains_gfn(gfn):
             self._p.dirty[slot.id].add(gfn)
+            # The obligation of a writable install is met now, even if a
+            # harvest clears the bit before the step quiesces.
+            self._p.monitors.pending_dirty.discard((slot.id, gfn))
 
     def take_dirty_bitmap(self, slot: Memslot) -> frozenset[int]:
         """The generic half of ``KVM_GET_DIRTY_LOG``: atomically snapshot and
@@ -256,6 +259,9 @@ class Services:
         self._enter("take_dirty_bitmap")
         bits = self._p.dirty.get(slot.id, set())
         self._p.dirty[slot.id] = set()
+        # Until get_dirty_log returns, a write to one of these pages is
+        # reported by this harvest (the VMM copies the page afterwards).
+        self._p.monitors.harvesting.setdefault(slot.id, set()).update(bits)
         return frozenset(bits)
 
     # ---------------------------------------------------- locks and RCU

@@ -34,6 +34,11 @@ class TaskContext:
     service_calls: int = 0
     #: ``dcache_clean_inval_poc`` ranges of the outermost call, ``(lo, hi)``.
     cleaned: list[tuple[int, int]] = attrs.Factory(list)
+    #: Inside an aging call: every store must only clear AF (rules §9.5 N4).
+    aging: bool = False
+    #: Descriptor stores made by this task (to tell whether others stored
+    #: while it ran).
+    stores: int = 0
     #: A violation raised inside the candidate, remembered so that a candidate
     #: catching exceptions around service calls cannot hide it.
     swallowed: PropertyViolation | None = None

@@ -49,6 +49,7 @@ def run(name: str, candidate_cls: type, settings: Settings | None = None,
         status = "error" if isinstance(failure, CandidateError) else "fail"
         counters = dict(m.platform.counters) if m is not None and m.platform else {}
         return RunResult(name, status, time.perf_counter() - start, failure, trace, counters,
+                         calls=list(getattr(m, "calls", ())),
                          examples=machine.totals["examples"])
     totals = dict(machine.totals)
     return RunResult(name, "pass", time.perf_counter() - start,

@@ -184,3 +184,99 @@ def test_step_deletion_also_simplifies_inside_a_parallel_step():
     assert steps == ["boot", "parallel"]
     args = polished.calls[1][1]
     assert len(args["schedule"].preemptions) <= 1 and len(args["ops"]) <= 2
+
+
+# ------------------------------------------------ host operations as ops
+LOGGING_ON = ("memslot_logging", dict(which=0, on=True))
+
+
+def test_a_write_racing_a_harvest_is_reported_by_that_harvest(play):
+    """The harvest has taken the bitmap (with the page) and is re-protecting
+    it when the vCPU writes again through its still-valid TLB entry: legal,
+    the VMM copies the page after KVM_GET_DIRTY_LOG returns."""
+    ops = (OpSpec("write", 0), OpSpec("harvest"))
+    at_protect = Schedule((Preemption(1, 1, "pte store", 0),))
+    for cls in (ClassicCandidate, ReferenceCandidate):
+        failure, machine = _play(cls, LOGGING_ON, _parallel(ops, at_protect))
+        assert failure is None, str(failure)
+        assert any("preemption #0" in e for e in machine.interleavings[-1])
+
+
+def test_at_most_one_harvest_per_step(play):
+    """KVM_GET_DIRTY_LOG runs under slots_lock: a step plans one harvest."""
+    ops = (OpSpec("read", 0), OpSpec("harvest"), OpSpec("harvest"))
+    failure, machine = _play(ClassicCandidate, LOGGING_ON, _parallel(ops, Schedule(())))
+    assert failure is None, str(failure)
+    starts = [e for e in machine.interleavings[-1] if " start " in e]
+    assert len(starts) == 2, starts
+
+
+def test_aging_racing_a_fault_passes_and_a_bad_aging_is_caught(play):
+    from candidates.mutants.classic_mutants import AgingClearsMoreThanAf
+
+    class ConcurrentAgingClearsMoreThanAf(AgingClearsMoreThanAf):
+        capabilities = ClassicCandidate.capabilities
+
+    ops = (OpSpec("write", 0), OpSpec("age", host_op="clear_flush_young"))
+    schedule = Schedule((Preemption(0, 1, "pte store", 1),))
+    steps = (("guest_write", dict(vcpu=0, where=0, pages=1)), _parallel(ops, schedule))
+    failure, _ = _play(ClassicCandidate, *steps)
+    assert failure is None, str(failure)
+    failure, _ = _play(ConcurrentAgingClearsMoreThanAf, *steps)
+    assert isinstance(failure, PropertyViolation) and failure.property == "aging", failure
+
+
+def test_operations_on_one_vcpu_move_to_a_free_vcpu(play):
+    failure, machine = _play(ClassicCandidate, _parallel((OpSpec("read", 1), OpSpec("write", 1)),
+                                                         Schedule(())))
+    assert failure is None, str(failure)
+    starts = [e for e in machine.interleavings[-1] if " start " in e]
+    assert [s.split("start  ")[1].split()[0] for s in starts] == ["vCPU1", "vCPU0"]
+
+
+def test_a_lone_operation_runs_sequentially_and_keeps_interleavings_aligned(play):
+    """An invalidation of an unbacked page plans nothing: the step runs its
+    one guest access alone, and still records one (empty) interleaving."""
+    lone = (OpSpec("read", 0), OpSpec("read", 0), OpSpec("read", 0))
+    failure, machine = _play(ClassicCandidate, _parallel(lone[:1] + (OpSpec("harvest"),),
+                                                         Schedule(())), _parallel())
+    assert failure is None, str(failure)
+    assert len(machine.interleavings) == 2 and machine.interleavings[0] == ()
+
+
+@pytest.mark.parametrize("rule", ["fault_race", "host_race"])
+def test_race_rules_are_parallel_steps(rule, play):
+    failure, machine = _play(ClassicCandidate, (rule, dict(where=0, ops=RACE,
+                                                           schedule=BEFORE_FIRST_STORE,
+                                                           refault=True)))
+    assert failure is None, str(failure)
+    assert machine.interleavings and "parallel: a preemption fired" in machine.events
+    failure, _ = _play(PlainStoreInSharedWalk, (rule, dict(where=0, ops=RACE,
+                                                           schedule=BEFORE_FIRST_STORE,
+                                                           refault=True)))
+    assert isinstance(failure, PropertyViolation), failure
+
+
+def test_aging_interleaved_with_stores_is_judged_store_by_store(play):
+    """Aging has cleared AF on the block when vCPU1's access sets it again
+    (hardware AF update: a store by another task, lock-free): the snapshot
+    before and after the call says nothing about what aging did, so only its
+    own stores are judged, and each must only clear AF."""
+    from candidates.mutants.classic_mutants import AgingClearsMoreThanAf
+
+    class ConcurrentAgingClearsMoreThanAf(AgingClearsMoreThanAf):
+        capabilities = ClassicCandidate.capabilities
+
+    ops = (OpSpec("age", host_op="clear_flush_young"), OpSpec("read", 1))
+    after_its_store = Schedule((Preemption(0, 3, "read_pte", 1),))
+    steps = (("guest_write", dict(vcpu=0, where=0, pages=1)),
+             ("hardware", dict(op="tlb_evict", vcpu=1, where=0)),  # vCPU1 must walk
+             _parallel(ops, after_its_store))
+    failure, machine = _play(ClassicCandidate, *steps)
+    assert failure is None, str(failure)
+    trace = machine.interleavings[-1]
+    assert any("preemption #0" in e for e in trace)
+    assert machine.platform.counters["hw AF updates"] == 1
+    failure, _ = _play(ConcurrentAgingClearsMoreThanAf, *steps)
+    assert isinstance(failure, PropertyViolation) and failure.property == "aging", failure
+    assert "aging stored" in failure.message

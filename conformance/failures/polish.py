@@ -30,7 +30,7 @@ import attrs
 
 from conformance.errors import ConformanceFailure
 from conformance.failures import files
-from conformance.machines.parallel import machine_class
+from conformance.machines.parallel import PARALLEL_RULES, machine_class
 
 #: Replays the pass may spend; a shrunk program is short, so this is rarely hit.
 MAX_ATTEMPTS = 60
@@ -109,9 +109,9 @@ def _inside_parallel_steps(calls):
     i = len(calls) - 1
     while i >= 1:
         rule, args = calls[i]
-        if rule == "parallel":
+        if rule in PARALLEL_RULES:
             for simpler in _simpler_steps(args):
-                yield calls[:i] + (("parallel", simpler),) + calls[i + 1:]
+                yield calls[:i] + ((rule, simpler),) + calls[i + 1:]
         i -= 1
 
 

@@ -36,6 +36,7 @@ import attrs
 
 from conformance.failures import document
 from conformance.failures.state import step_number
+from conformance.machines.parallel import PARALLEL_RULES
 
 
 @attrs.define
@@ -144,7 +145,7 @@ def from_doc(doc: dict, *, replay_path: str | None = None,
 def _failing_interleaving(doc: dict, failed_no: int | None) -> list[str]:
     """The recorded interleaving of the parallel step that failed, if it is one."""
     parallel = [n for n, step in enumerate(doc.get("steps", ()), start=1)
-                if step.get("rule") == "parallel"]
+                if step.get("rule") in PARALLEL_RULES]
     runs = doc.get("interleavings") or []
     if failed_no not in parallel or len(runs) < parallel.index(failed_no) + 1:
         return []

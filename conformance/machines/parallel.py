@@ -39,22 +39,32 @@ from model.host import PAGE, THP_SIZE
 
 #: Host operations a parallel step may run as a notifier invalidation.
 NOTIFIER_OPS = ("migrate", "madvise_dontneed", "mprotect_ro")
+#: The MMU notifier aging calls an ``age`` operation may make.
+AGING_OPS = ("clear_flush_young", "clear_young", "test_young")
 #: Point kinds a preemption may count (None: every scheduling point). The
 #: stores come more often: a race is a preemption just before one, after the
 #: task read the entry it is about to change.
 POINT_KINDS = (None, "pte store", "pte store", "pte store", "pte store", "read_pte",
                "read_lock", "write_lock", "gup", "hw access", "tlb_flush_vmid_ipa",
-               "dcache_clean_inval_poc", "put_page", "rcu_read_unlock")
+               "dcache_clean_inval_poc", "put_page", "rcu_read_unlock", "host pte change",
+               "mark_page_dirty", "take_dirty_bitmap")
 #: Which point of that kind: early ones are where two tasks first meet.
 AFTER = (1, 1, 1, 1, 2, 2, 3, 4, 6, 8, 12, 24)
 
 
 @attrs.frozen
 class OpSpec:
-    """One operation of a parallel step, as drawn: a guest ``read``,
-    ``write`` or ``fetch`` by ``vcpu``, or an ``invalidate`` (the notifier of
-    host operation ``host_op``), on the step's page or the one after it
-    (``neighbour``): the operations of a step meet on one 2 MiB window."""
+    """One operation of a parallel step, as drawn, on the step's page or the
+    one after it (``neighbour``): the operations of a step meet on one 2 MiB
+    window.
+
+    ``kind`` is a guest ``read``, ``write`` or ``fetch`` by ``vcpu`` (at most
+    one operation per vCPU: a vCPU already taken is replaced by the next free
+    one); an ``invalidate`` (the MMU notifier of host operation ``host_op``,
+    one of :data:`NOTIFIER_OPS`); an ``age`` (the aging call ``host_op``, one
+    of :data:`AGING_OPS`, on the page); or a ``harvest`` (``KVM_GET_DIRTY_LOG``
+    of the page's memslot, when it logs; one per step, since KVM serialises
+    them with ``slots_lock``)."""
 
     kind: str
     vcpu: int = 0
@@ -62,15 +72,57 @@ class OpSpec:
     host_op: str = "migrate"
 
 
-OP = st.builds(OpSpec,
-               kind=st.sampled_from(("read", "write", "write", "fetch", "invalidate")),
-               vcpu=st.integers(0, 3), neighbour=st.sampled_from((False, False, False, True)),
-               host_op=st.sampled_from(NOTIFIER_OPS))
+NEIGHBOUR = st.sampled_from((False, False, False, True))
+GUEST_OP = st.builds(OpSpec, kind=st.sampled_from(("read", "write", "write", "fetch")),
+                     vcpu=st.integers(0, 3), neighbour=NEIGHBOUR)
+INVALIDATE_OP = st.builds(OpSpec, kind=st.just("invalidate"), neighbour=NEIGHBOUR,
+                          host_op=st.sampled_from(NOTIFIER_OPS))
+AGE_OP = st.builds(OpSpec, kind=st.just("age"), neighbour=NEIGHBOUR,
+                   host_op=st.sampled_from(AGING_OPS))
+HARVEST_OP = st.just(OpSpec("harvest"))
+OP = st.one_of(GUEST_OP, GUEST_OP, GUEST_OP, INVALIDATE_OP, AGE_OP, HARVEST_OP)
 OPS = st.lists(OP, min_size=2, max_size=4).map(tuple)
 PREEMPTION = st.builds(Preemption, task=st.integers(0, 3), after=st.sampled_from(AFTER),
                        kind=st.sampled_from(POINT_KINDS), to=st.integers(0, 3))
 #: Shrinks to the empty schedule: each task runs until it finishes or blocks.
 SCHEDULES = st.lists(PREEMPTION, max_size=4).map(lambda ps: Schedule(tuple(ps)))
+
+
+def _race_schedules(kinds):
+    """1-3 preemptions early in a task, at one of ``kinds``: where the
+    operations of a race rule first meet."""
+    preemption = st.builds(Preemption, task=st.integers(0, 3),
+                           after=st.sampled_from((1, 1, 1, 2, 3)),
+                           kind=st.sampled_from(kinds), to=st.integers(0, 3))
+    return st.lists(preemption, min_size=1, max_size=3).map(lambda ps: Schedule(tuple(ps)))
+
+
+#: Faults racing each other (seed 001: two vCPUs install on one entry; the
+#: loser must see the winner's entry): preempted after reading an entry,
+#: before storing, or before taking the lock.
+FAULT_RACE_OPS = st.lists(st.builds(OpSpec, kind=st.sampled_from(("read", "write", "fetch")),
+                                    vcpu=st.integers(0, 3),
+                                    neighbour=st.sampled_from((False, False, False, True))),
+                          min_size=2, max_size=3).map(tuple)
+FAULT_RACE_SCHEDULES = _race_schedules(("pte store", "pte store", "read_pte", "read_lock",
+                                        "gup", "rcu_read_unlock", None))
+
+
+def _with(guests, other, at):
+    return tuple(guests[:at]) + (other,) + tuple(guests[at:])
+
+
+#: A fault racing a notifier invalidation (the ``mmu_invalidate_retry`` race:
+#: the fault's GUP saw the old page), an aging call or a harvest.
+HOST_RACE_OPS = st.builds(_with, st.lists(GUEST_OP, min_size=1, max_size=2),
+                          st.one_of(INVALIDATE_OP, INVALIDATE_OP, AGE_OP, HARVEST_OP),
+                          st.integers(0, 2))
+HOST_RACE_SCHEDULES = _race_schedules(("gup", "read_lock", "write_lock", "pte store",
+                                       "host pte change", "mark_page_dirty",
+                                       "take_dirty_bitmap", None))
+
+#: The rules whose steps run concurrently (same arguments, same checks).
+PARALLEL_RULES = ("parallel", "fault_race", "host_race")
 
 
 @attrs.frozen
@@ -106,10 +158,37 @@ class ParallelMachine(Stage2Machine):
         """Run ``ops`` concurrently, on the page at ``where`` and the next,
         under ``schedule`` (after migrating the page, with ``refault``); then
         quiescence checks and linearizability."""
+        self._parallel_step(where, ops, schedule, refault)
+
+    # The two race rules are parallel steps drawn where races are: faults
+    # on one page the host has just migrated, and a fault against a host
+    # operation, each with at least one early preemption. As rules of their
+    # own they also make parallel steps a third of the program.
+    @precondition(lambda self: self.live)
+    @rule(where=INDEX, ops=FAULT_RACE_OPS, schedule=FAULT_RACE_SCHEDULES,
+          refault=st.just(True))
+    @checked
+    def fault_race(self, where, ops, schedule, refault=True):
+        """Guest accesses by 2-3 vCPUs racing on the page at ``where`` (or
+        the next), after the host migrated it."""
+        self._parallel_step(where, ops, schedule, refault)
+
+    @precondition(lambda self: self.live)
+    @rule(where=INDEX, ops=HOST_RACE_OPS, schedule=HOST_RACE_SCHEDULES, refault=st.booleans())
+    @checked
+    def host_race(self, where, ops, schedule, refault=False):
+        """Guest accesses racing a notifier invalidation, an aging call or a
+        dirty-log harvest on the page at ``where`` (or the next)."""
+        self._parallel_step(where, ops, schedule, refault)
+
+    def _parallel_step(self, where, ops, schedule, refault):
         if refault:
             self._migrate(where)
         planned = self._plan(where, ops)
-        if not planned:
+        if len(planned) < 2:
+            self.interleavings.append(())  # one entry per parallel step
+            for op in planned:  # a lone operation runs sequentially
+                self._linearize([self._run_alone(op)])
             return
         p = self.platform
         sched = Scheduler(_fit(schedule, len(planned)))
@@ -134,6 +213,11 @@ class ParallelMachine(Stage2Machine):
         p.quiesce("parallel step")
         self._linearize(sorted(records, key=lambda r: r.index))
 
+    def _run_alone(self, op) -> linearizability.Op:
+        got = op.run()
+        return linearizability.Op(index=0, label=op.label, call=0, ret=1, observation=got,
+                                  apply=op.apply)
+
     def _migrate(self, where) -> None:
         """Migrate the page (or THP) at ``where``, sequentially, as the
         ``host_mm`` rule does: the notifier unmaps it at stage 2."""
@@ -149,16 +233,23 @@ class ParallelMachine(Stage2Machine):
     # ------------------------------------------------------------ planning
     def _plan(self, where, ops) -> list[_Planned]:
         used, out = set(), []
+        nr_vcpus = self.platform.config.nr_vcpus
         for spec in ops:
             gfn = self._gfn(where) + (1 if spec.neighbour else 0)
-            if spec.kind == "invalidate":
-                planned = self._plan_invalidate(spec, gfn)
-            else:
-                vcpu = self._vcpu(spec.vcpu)
-                if vcpu in used:
-                    continue  # at most one operation per vCPU
+            if spec.kind in ("read", "write", "fetch"):
+                # At most one operation per vCPU: the next free one after
+                # the drawn one (so vcpu=0 shrinks to "the first free").
+                free = [v for v in range(nr_vcpus) if v not in used]
+                if not free:
+                    continue
+                vcpu = min(free, key=lambda v: (v - self._vcpu(spec.vcpu)) % nr_vcpus)
                 used.add(vcpu)
                 planned = self._plan_guest(spec, vcpu, gfn)
+            elif spec.kind == "harvest" and "harvest" in used:
+                continue  # KVM_GET_DIRTY_LOG runs under slots_lock: one at a time
+            else:
+                used.add(spec.kind)
+                planned = getattr(self, f"_plan_{spec.kind}")(spec, gfn)
             if planned is not None:
                 out.append(planned)
         return out
@@ -200,6 +291,34 @@ class ParallelMachine(Stage2Machine):
             return True
 
         return _Planned(f"notifier {op} hva {hva:#x}", run, apply)
+
+    def _plan_age(self, spec, gfn) -> _Planned | None:
+        slot = self.platform.slot_for_gfn(gfn)
+        if slot is None:
+            return None
+        hva, p = slot.gfn_to_hva(gfn), self.platform
+
+        def run():
+            p.aging(spec.host_op, hva, hva + PAGE)
+
+        # Judged by its monitor (what it may store, what it returns), not
+        # by the oracle: stage 2's AF is not guest-visible state here.
+        return _Planned(f"{spec.host_op} hva {hva:#x}", run, lambda oracle, _got: True)
+
+    def _plan_harvest(self, spec, gfn) -> _Planned | None:
+        slot = self.platform.slot_for_gfn(gfn)
+        if slot is None or not slot.is_logging:
+            return None
+        p = self.platform
+
+        def run():
+            return p.get_dirty_log(slot)
+
+        def apply(oracle, reported):
+            missing, _extra = oracle.harvest(slot, reported)
+            return not missing
+
+        return _Planned(f"get_dirty_log slot {slot.id}", run, apply)
 
     # ------------------------------------------------------------- running
     def _task(self, sched, index, op, records):

@@ -19,6 +19,8 @@ class RunResult:
     total_steps: int = 0
     #: event label -> passing programs that produced it (``Stage2Machine.event_programs``)
     events: dict = attrs.Factory(dict)
+    #: The failing program as ``(rule, arguments)`` pairs, boot first.
+    calls: list = attrs.Factory(list)
 
     def event_fraction(self, label: str) -> float:
         """The share of passing programs that produced event ``label``."""

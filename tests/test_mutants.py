@@ -19,8 +19,7 @@ from candidates.mutants import MUTANTS
 from candidates.mutants.classic_mutants import OUT_OF_BUDGET
 from conformance.failures import files
 from conformance.errors import PropertyViolation
-from conformance.machines.parallel import OpSpec
-from conformance.platform.scheduler import Preemption, Schedule
+from conformance.machines.parallel import PARALLEL_RULES
 from conformance.protocol import Memslot, VmConfig
 from conformance.runner import run
 from strategies.layouts import Layout, Vma
@@ -29,6 +28,8 @@ from strategies.layouts import Layout, Vma
 #: loads by itself; derandomized, so a catch here is a catch in CI too.
 MUTANT_BUDGET = dict(profile="ci")
 MAX_SHRUNK_STEPS = 10
+#: A concurrency mutant's shrunk parallel steps (issue: parallel steps).
+MAX_PARALLEL_OPS, MAX_PREEMPTIONS = 3, 4
 
 #: Property families: the monitors' (conformance/platform/monitors.py) and the oracle
 #: checks of the machine (conformance/machines/sequential.py).
@@ -106,11 +107,31 @@ def test_mutant_is_caught(name, play):
         if witness == name:
             assert result.failed_property == family, result.failure
     assert result.steps <= MAX_SHRUNK_STEPS, "\n".join(result.trace)
+    machine = getattr(cls, "machine", "sequential")
     # The catch is the mutation's: the unmutated candidate passes the same program.
     (_boot, boot_args), *steps = failing[-1]
     passed, _ = play(_unmutated(cls), boot_args["config"], boot_args["layout"], *steps,
-                     machine=getattr(cls, "machine", "sequential"))
+                     machine=machine)
     assert passed is None, str(passed)
+    if machine == "parallel":
+        _check_parallel_counterexample(cls, boot_args, steps, play)
+
+
+def _check_parallel_counterexample(cls, boot_args, steps, play):
+    """Short (at most 4 preemptions and 3 operations per parallel step) and
+    exact: three replays give the same interleavings and the same failure."""
+    for rule, args in steps:
+        if rule in PARALLEL_RULES:
+            assert len(args["ops"]) <= MAX_PARALLEL_OPS, args
+            assert len(args["schedule"].preemptions) <= MAX_PREEMPTIONS, args
+    replays = []
+    for _ in range(3):
+        failure, machine = play(cls, boot_args["config"], boot_args["layout"], *steps,
+                                machine="parallel")
+        assert failure is not None
+        replays.append((str(failure), repr(machine.interleavings)))
+    assert replays[0] == replays[1] == replays[2]
+    assert any(replays[0][1])
 
 
 @pytest.mark.parametrize("name", sorted(MUTANTS) + sorted(OUT_OF_BUDGET))
@@ -169,14 +190,6 @@ SCRIPTS = {
         ("guest_write", dict(vcpu=0, where=1, pages=1)),
         ("host_mm", dict(op="migrate", where=1, huge=False)),
         ("vmm", dict(op="read", where=1)),
-    ]),
-    # Two vCPUs fault on one unmapped page; vCPU0 is preempted just before its
-    # first store (it has read the empty entry), vCPU1 maps the page, vCPU0's
-    # plain store then overwrites what vCPU1 installed (parallel machine).
-    "mutant-plain-store-in-shared-walk": (_config(), _layout(), [
-        ("parallel", dict(where=0, ops=(OpSpec("read", 0), OpSpec("write", 1)),
-                          schedule=Schedule((Preemption(0, 1, "pte store", 1),)),
-                          refault=False)),
     ]),
 }
 

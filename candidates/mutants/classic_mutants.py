@@ -700,6 +700,8 @@ MUTANTS = {
     "mutant-collapse-leaks-subtree": CollapseLeaksSubtree,
     "mutant-collapse-single-ipa-tlbi": CollapseSingleIpaTlbi,
     "mutant-no-break-before-make": NoBreakBeforeMake,
+    # concurrency (the parallel machine)
+    "mutant-plain-store-in-shared-walk": PlainStoreInSharedWalk,
 }
 
 #: Real bugs the suite sees only when a program contains their counterexample
@@ -722,14 +724,8 @@ MUTANTS = {
 #:   programs) never lines them up: most warm starts have the caches on, and
 #:   host steps pick their page independently of the guest's writes (a
 #:   generator issue, not a check: the scripted program fails at once);
-#: * plain-store-in-shared-walk (the parallel machine) needs two vCPUs faulting
-#:   on one unmapped page with a preemption just before the first one's
-#:   store: ``run --machine parallel --profile ci --seed S`` catches it for
-#:   seeds 0, 1 and 2 of 0-3 (1-2 shrunk steps), but not the derandomized ci
-#:   stream of its name, and its shrink takes 20-115 s.
 OUT_OF_BUDGET = {
     "mutant-relax-tlbi-only-if-changed": RelaxTlbiOnlyIfChanged,
     "mutant-thp-no-congruence-check": ThpWithoutCongruenceCheck,
     "mutant-unmap-no-clean": UnmapWithoutClean,
-    "mutant-plain-store-in-shared-walk": PlainStoreInSharedWalk,
 }

@@ -27,7 +27,7 @@ import attrs
 GARBAGE = -1
 
 
-@attrs.frozen
+@attrs.frozen(cache_hash=True)
 class LineState:
     mem: int = GARBAGE
     dline: int | None = None

@@ -81,6 +81,10 @@ EFAULT = Outcome(exit=Exit.EFAULT)
 
 @attrs.define
 class Oracle:
+    """The sequential specification's state. Clones compare with ``==``
+    (attrs equality over every field): the linearizability search and the
+    set of surviving states in a parallel step deduplicate by it."""
+
     config: VmConfig
     memslots: dict[int, Memslot] = attrs.Factory(dict)
     vmas: list[tuple[int, int, bool]] = attrs.Factory(list)  # (start, end, writable)
@@ -356,30 +360,6 @@ class Oracle:
         extra = frozenset(reported - written)
         self.written[slot.id] = set()
         return missing, extra
-
-    def fingerprint(self) -> tuple:
-        """A hashable, deterministic snapshot of the whole state: equal states
-        give equal fingerprints. Sets and dicts become sorted tuples (never
-        hash order); ``vmas`` keeps its order, which :meth:`vma_at` depends
-        on. The linearizability search keys its cache on it, and sets of
-        states are deduplicated by it."""
-        def line_key(s: LineState):
-            return (s.mem, s.dline is not None, s.dline or 0, s.dirty,
-                    s.iline is not None, s.iline or 0)
-        ordered: dict[frozenset, tuple] = {}  # pages mostly share a few state sets
-        for states in self.pages.values():
-            if states not in ordered:
-                ordered[states] = tuple(sorted(states, key=line_key))
-        return (self.config,
-                tuple(sorted(self.memslots.items())),
-                tuple(self.vmas),
-                tuple((hva, ordered[states]) for hva, states in sorted(self.pages.items())),
-                tuple(sorted(self.ksm)),
-                tuple(self.sctlr),
-                tuple(self.tvm_armed),
-                tuple(sorted(self.exposed)),
-                tuple((slot, tuple(sorted(gfns))) for slot, gfns in sorted(self.written.items())),
-                tuple(sorted(self.mapped)))
 
 
 def _maintain(s: LineState) -> LineState:

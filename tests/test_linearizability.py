@@ -48,8 +48,9 @@ def observes(value, gfn=GFN, vcpu=0):
     return lambda o: got in o.guest_access(vcpu, gfn, "read", None, observed=got)
 
 
-def fingerprints(states):
-    return [s.fingerprint() for s in states]
+def as_list(states):
+    """States as a list, compared with ``==``."""
+    return list(states)
 
 
 def concurrent_writes():
@@ -60,12 +61,12 @@ def concurrent_writes():
 # ------------------------------------------- several states survive
 def test_concurrent_writes_to_one_page_leave_two_survivors():
     start = oracle()
-    before = start.fingerprint()
+    before = start.clone()
     result = check([start], concurrent_writes())
     assert result.status == "pass"
     assert result.orders == ((0, 1), (1, 0))
     assert reads_of(result.survivors) == [{2}, {1}]  # last writer wins, in each order
-    assert start.fingerprint() == before  # the starting states are never mutated
+    assert start == before  # the starting states are never mutated
 
 
 @pytest.mark.parametrize("value", [1, 2])
@@ -77,7 +78,7 @@ def test_a_later_read_decides_between_survivors(value):
     # the same read as a one-op step of its own
     again = check(survivors, [guest(0, "read", None, call=0, ret=0, observed=value)])
     assert again.status == "pass" and again.orders == ((0,),)
-    assert fingerprints(again.survivors) == fingerprints(kept)
+    assert as_list(again.survivors) == as_list(kept)
 
 
 def test_a_later_read_of_neither_value_fails():
@@ -138,7 +139,7 @@ def test_no_ops_pass_with_the_distinct_starting_states():
     write(b, GFN, 7)
     result = check([a, a.clone(), b], [])
     assert result.status == "pass" and result.orders == ((),) and result.explored == 2
-    assert fingerprints(result.survivors) == fingerprints([a, b])
+    assert as_list(result.survivors) == as_list([a, b])
 
 
 # ---------------------------------------------------- the cache
@@ -232,9 +233,8 @@ def test_same_input_same_result():
     first = check([oracle(nr_vcpus=4)], mixed_step())
     second = check([oracle(nr_vcpus=4)], mixed_step())
     assert first.status == "pass" and len(first.survivors) >= 2
-    assert fingerprints(first.survivors) == fingerprints(second.survivors)
+    assert as_list(first.survivors) == as_list(second.survivors)
     assert (first.orders, first.explored) == (second.orders, second.explored)
-    hash(first.survivors[0].fingerprint())
 
 
 def test_op_indices_must_be_0_to_n_minus_1():
@@ -270,11 +270,11 @@ def test_a_sequential_history_the_oracle_accepts_is_accepted_in_that_order(acces
     result = check([oracle()], ops)
     assert result.status == "pass"
     assert result.orders == (tuple(range(len(ops))),)
-    assert fingerprints(result.survivors) == [reference.fingerprint()]
+    assert as_list(result.survivors) == [reference]
     assert result.explored == len(ops) + 1
 
     overlapping = [Op(index=op.index, label=op.label, call=0, ret=len(ops), apply=op.apply,
                       observation=op.observation) for op in ops]
     wide = check([oracle()], overlapping)
     assert wide.status == "pass"
-    assert reference.fingerprint() in fingerprints(wide.survivors)
+    assert reference in as_list(wide.survivors)

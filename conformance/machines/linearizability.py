@@ -6,7 +6,10 @@ every observation. The search is porcupine's ``checkSingle``
 (anishathalye/porcupine, ``checker.go``): depth first, place an operation
 when the model accepts it, backtrack otherwise, and remember every
 configuration (bitmask of placed operations, oracle state) so that none is
-explored twice. Unlike porcupine it does not stop at the first
+explored twice. States are compared with ``==`` (attrs equality: the dicts
+and sets of two clones share their values, so comparing is a C loop over
+shared objects), never hashed: a hashable snapshot of every page costs
+thirty times more. Unlike porcupine it does not stop at the first
 linearization: every distinct final state survives (two concurrent writes to
 one page are both legal until a later read decides), and the caller keeps
 them as the starting states of the next step (:func:`prune` applies a
@@ -47,7 +50,7 @@ class Op:
 class Result:
     """``status``: ``"pass"``, ``"fail"`` or ``"unknown"`` (the budget ran out:
     never a pass). ``survivors``: the distinct final oracle states (by
-    ``fingerprint()``), in the order the search found them; empty unless
+    ``==``), in the order the search found them; empty unless
     ``pass``. ``orders``: on a pass, orders (op indices) that linearize:
     the first that reached each final configuration (an order whose prefix
     meets an explored configuration is cut there, so not every linearizing
@@ -76,23 +79,23 @@ def check(states: Sequence[Oracle], ops: Sequence[Op], *, budget: int = 20_000) 
     full = (1 << n) - 1
     # preds[i]: the ops that finished before op i started (they come first)
     preds = [sum(1 << j.index for j in by_index if j.ret < op.call) for op in by_index]
-    seen: set = set()
-    survivors: dict = {}   # fingerprint -> state; insertion order is the search order
+    seen: dict[int, list[Oracle]] = {}   # placed-ops mask -> states explored with it
+    survivors: list[Oracle] = []         # in search order
     orders: list[tuple[int, ...]] = []   # full orders, or the longest prefixes so far
     explored = 0
 
     def visit(state: Oracle, done: int, order: tuple[int, ...]) -> None:
         nonlocal explored
-        fp = state.fingerprint()
-        if (done, fp) in seen:
+        explored_here = seen.setdefault(done, [])
+        if state in explored_here:  # == on each: a few states per mask
             return
         if explored >= budget:
             raise _OutOfBudget
-        seen.add((done, fp))
+        explored_here.append(state)
         explored += 1
         _keep_longest(orders, order)
         if done == full:
-            survivors[fp] = state
+            survivors.append(state)
             return
         for op in by_index:
             bit = 1 << op.index
@@ -108,19 +111,19 @@ def check(states: Sequence[Oracle], ops: Sequence[Op], *, budget: int = 20_000) 
     except _OutOfBudget:
         return Result("unknown", (), tuple(orders), explored)
     status = "pass" if survivors else "fail"
-    return Result(status, tuple(survivors.values()), tuple(orders), explored)
+    return Result(status, tuple(survivors), tuple(orders), explored)
 
 
 def prune(states: Sequence[Oracle], apply: Callable[[Oracle], bool]) -> tuple[Oracle, ...]:
     """One sequential operation after a parallel step: ``apply`` it to a clone
-    of each state, keep the clones that accept it, deduplicated by
-    ``fingerprint()`` (first one wins, in the order of ``states``)."""
-    kept: dict = {}
+    of each state, keep the clones that accept it, deduplicated by ``==``
+    (first one wins, in the order of ``states``)."""
+    kept: list[Oracle] = []
     for state in states:
         nxt = state.clone()
-        if apply(nxt):
-            kept.setdefault(nxt.fingerprint(), nxt)
-    return tuple(kept.values())
+        if apply(nxt) and nxt not in kept:
+            kept.append(nxt)
+    return tuple(kept)
 
 
 def _keep_longest(orders: list[tuple[int, ...]], order: tuple[int, ...]) -> None:

@@ -15,8 +15,7 @@ last (DESIGN §6). The parallel machine keeps them all in an
   every state, since parallel steps change neither, and are answered by the
   first.
 
-States that become equal are merged (by ``Oracle.fingerprint``), so the set
-stays small.
+States that become equal are merged (by ``==``), so the set stays small.
 """
 
 from __future__ import annotations
@@ -43,6 +42,8 @@ class OracleSet:
         return self._observing(lambda s: s.vmm_read(hva, observed=observed), observed)
 
     def _observing(self, call, observed):
+        if len(self.states) == 1:  # the common case: nothing to merge
+            return call(self.states[0])
         allowed_each = [call(s) for s in self.states]
         union = frozenset().union(*allowed_each)
         if observed is not None and observed in union:
@@ -66,6 +67,9 @@ class OracleSet:
         if name in _SHARED_QUERIES or not callable(first):
             return first
 
+        if len(self.states) == 1:
+            return first
+
         def each(*args, **kwargs):
             results = [getattr(s, name)(*args, **kwargs) for s in self.states]
             self.states = _distinct(self.states)
@@ -74,10 +78,11 @@ class OracleSet:
 
 
 def _distinct(states) -> list[Oracle]:
-    seen, out = set(), []
+    states = list(states)
+    if len(states) == 1:
+        return states
+    out: list[Oracle] = []
     for s in states:
-        key = s.fingerprint()
-        if key not in seen:
-            seen.add(key)
+        if s not in out:
             out.append(s)
     return out

@@ -208,10 +208,21 @@ class ParallelMachine(Stage2Machine):
             p.mmu_lock.scheduler = p.rcu.scheduler = None
             self.interleavings.append(tuple(e.describe() for e in sched.trace))
         self._event(f"parallel: {len(planned)} ops")
-        if sched.statistics().preemptions_fired:
+        stats = sched.statistics()
+        if stats.preemptions_fired:
             self._event("parallel: a preemption fired")
+        self._count(stats)
         p.quiesce("parallel step")
         self._linearize(sorted(records, key=lambda r: r.index))
+
+    def _count(self, stats) -> None:
+        """Cost counters of the step's scheduling (the matrix shows them)."""
+        c = self.platform.counters
+        c["parallel steps"] += 1
+        c["scheduling points"] += sum(stats.points)
+        c["scheduling decisions"] += stats.decisions
+        c["lock waits"] += stats.blocked_waits
+        c["preemptions fired"] += stats.preemptions_fired
 
     def _run_alone(self, op) -> linearizability.Op:
         got = op.run()

@@ -20,6 +20,7 @@ from candidates.mutants.classic_mutants import OUT_OF_BUDGET
 from conformance.failures import files
 from conformance.errors import PropertyViolation
 from conformance.machines.parallel import PARALLEL_RULES
+from conformance.platform.scheduler import Preemption, Schedule
 from conformance.protocol import Memslot, VmConfig
 from conformance.runner import run
 from strategies.layouts import Layout, Vma
@@ -209,3 +210,31 @@ def test_out_of_budget_mutant_fails_its_scripted_counterexample(name, play):
     failure, _ = play(cls, config, layout, *steps, machine=machine)
     assert isinstance(failure, PropertyViolation), failure
     assert failure.property in cls.expected_property, str(failure)
+
+
+def test_a_mutant_patch_applies_to_its_own_task_only():
+    """Mutants patch a service for one candidate call; in a parallel step
+    another task's calls interleave with it and must see the original."""
+    from types import SimpleNamespace
+
+    from candidates.mutants.classic_mutants import _patched
+    from conformance.platform.scheduler import Scheduler
+
+    svc = SimpleNamespace(tlbi=lambda: "original")
+    original, seen = svc.tlbi, []
+    sched = Scheduler(Schedule((Preemption(0, 1, "read_pte", 1),)))
+
+    def patching():
+        with _patched(svc, "tlbi", lambda: "patched"):
+            seen.append(("task 0", svc.tlbi()))
+            sched.point("read_pte")  # task 1 runs here
+            seen.append(("task 0", svc.tlbi()))
+
+    def plain():
+        seen.append(("task 1", svc.tlbi()))
+
+    sched.spawn(patching, name="patching")
+    sched.spawn(plain, name="plain")
+    sched.run()
+    assert seen == [("task 0", "patched"), ("task 1", "original"), ("task 0", "patched")]
+    assert svc.tlbi is original

@@ -40,6 +40,7 @@ from __future__ import annotations
 import contextlib
 
 import attrs
+import greenlet
 
 from candidates import classic
 from candidates.classic import CACHES_ON, ClassicCandidate
@@ -48,16 +49,39 @@ from conformance.protocol import PAGE_SIZE, FaultKind
 from model import descriptors as d
 
 
+#: (id(obj), name) -> (the original attribute, the value per task)
+_PATCHES: dict[tuple[int, str], tuple[object, dict]] = {}
+
+
 @contextlib.contextmanager
 def _patched(obj, name, value):
-    """Replace ``obj.name`` for the duration of one candidate call (the
-    classic candidate is sequential: ``capabilities.concurrent`` is false)."""
-    old = getattr(obj, name)
-    setattr(obj, name, value)
+    """Replace ``obj.name`` by ``value`` for the duration of one candidate
+    call, *for the task making it only*: in a parallel step other tasks'
+    calls interleave with it (each task is a greenlet) and see the original.
+    The attribute becomes a dispatcher while any task has it patched."""
+    key = (id(obj), name)
+    if key not in _PATCHES:
+        original, by_task = getattr(obj, name), {}
+
+        def dispatch(*args, **kwargs):
+            return by_task.get(greenlet.getcurrent(), original)(*args, **kwargs)
+
+        _PATCHES[key] = (original, by_task)
+        setattr(obj, name, dispatch)
+    original, by_task = _PATCHES[key]
+    me = greenlet.getcurrent()
+    outer = by_task.get(me)
+    by_task[me] = value
     try:
         yield
     finally:
-        setattr(obj, name, old)
+        if outer is None:
+            del by_task[me]
+        else:
+            by_task[me] = outer
+        if not by_task:
+            setattr(obj, name, original)
+            del _PATCHES[key]
 
 
 class _ClassicMutant(ClassicCandidate):

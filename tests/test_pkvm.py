@@ -101,7 +101,7 @@ def test_the_race_catches_a_plain_store_in_the_shared_walk():
     both tasks 'win' the empty entry."""
     failure, _ = play("broken", _PlainStorePkvm, [BOOT, RACE], "parallel")
     assert isinstance(failure, PropertyViolation), failure
-    assert failure.property in ("refcount", "table-lifecycle", "break-before-make",
+    assert failure.property in ("locking", "refcount", "table-lifecycle", "break-before-make",
                                 "tlb-conflict", "guest-observation"), str(failure)
 
 

@@ -47,17 +47,25 @@ def test_correct_candidates_pass_the_race(cls, play):
 
 
 def test_a_plain_store_in_the_shared_fault_path_is_caught():
-    failure, _ = _play(PlainStoreInSharedWalk, _parallel())
-    assert isinstance(failure, PropertyViolation), failure
-    assert failure.property in PlainStoreInSharedWalk.expected_property, str(failure)
+    """The locking monitor sees the plain store to a live entry under the
+    read lock, with or without the race."""
+    for schedule in (BEFORE_FIRST_STORE, Schedule(())):
+        failure, _ = _play(PlainStoreInSharedWalk, _parallel(schedule=schedule))
+        assert isinstance(failure, PropertyViolation) and failure.property == "locking", failure
 
 
-def test_without_a_preemption_the_race_does_not_happen():
-    """The empty schedule runs the tasks one after the other: the mutant's
-    plain store is then harmless, which is why shrinking keeps only the
-    preemption that matters."""
+def test_without_the_locking_monitor_the_race_still_shows(monkeypatch):
+    """Without the monitor, the damage shows only when the race happens:
+    the empty schedule runs the faults one after the other and the plain
+    store is harmless, which is why shrinking keeps the one preemption."""
+    from conformance.platform.monitors import Monitors
+
+    monkeypatch.setattr(Monitors, "plain_store_violation", lambda self, ptep: None)
     failure, _ = _play(PlainStoreInSharedWalk, _parallel(schedule=Schedule(())))
     assert failure is None, str(failure)
+    failure, _ = _play(PlainStoreInSharedWalk, _parallel())
+    assert isinstance(failure, PropertyViolation), failure
+    assert failure.property in ("refcount", "table-lifecycle", "break-before-make"), failure
 
 
 def test_replaying_a_parallel_step_gives_the_same_interleaving():

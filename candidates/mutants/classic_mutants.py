@@ -680,12 +680,14 @@ class PlainStoreInSharedWalk(_ClassicMutant):
     faulting on one entry under the read side of mmu_lock both "win", the
     second overwriting the first's leaf without break-before-make and taking
     a second table-page reference for one entry (rules §2.4, §7.2, §9.7 L1).
-    Only a parallel step can show it."""
+    The ``locking`` monitor sees the plain store to a live entry under the
+    read lock at once; without it, only a parallel step shows the damage
+    (tests/test_parallel.py)."""
 
     bug = "plain store instead of cmpxchg in the shared (read-lock) fault path"
     reference = "§2.4, §7.2, §9.7 L1"
-    expected_property = ("refcount", "table-lifecycle", "break-before-make", "tlb-conflict",
-                         "guest-observation")
+    expected_property = ("locking", "refcount", "table-lifecycle", "break-before-make",
+                         "tlb-conflict", "guest-observation")
     machine = "parallel"
     capabilities = ClassicCandidate.capabilities  # concurrent, like kvm-classic
     pgtable_cls = _PlainStorePgTable

@@ -51,6 +51,8 @@ class Platform(CandidateCalls, Locking, Mmu, HostEvents):
         self.dirty: dict[int, set[int]] = {}
         self.pgd_pfn: int | None = None
         self.reachable: dict[int, tuple[int, int]] = {}  # table pfn -> (ipa, level)
+        #: Unlinked table pfn -> the RCU read-side sections open at the unlink.
+        self.unlinked_during: dict[int, frozenset] = {}
         self.counters: collections.Counter = collections.Counter()
         self.events: set[str] = set()  # labels for hypothesis.event(), per step
         #: The running task's context (the one default context when sequential).

@@ -39,7 +39,11 @@ class Mmu:
             self.monitors.on_new_valid(step.ipa, step.level, step.pte)
 
     def unlink(self, table_pfn: int, level: int) -> None:
+        """A table (and its subtree) is no longer reachable from the root. A
+        walker inside an RCU read-side section may still be in it: the page
+        may be freed only after those sections end."""
         self.reachable.pop(table_pfn, None)
+        self.unlinked_during[table_pfn] = self.rcu.open_sections()
         entries = self.mem.tables.get(table_pfn)
         if entries is None or self.mem.page_use(table_pfn) is PageUse.FREED:
             return

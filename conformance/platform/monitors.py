@@ -53,6 +53,11 @@ class Monitors:
         self.pending_dirty: set[tuple[int, int]] = set()
         #: gfns per memslot taken by a harvest that has not returned yet.
         self.harvesting: dict[int, set[int]] = {}
+        #: Entries holding INVALID_PTE_LOCKED -> the task that stored it.
+        self.locked_by: dict[int, int | None] = {}
+        #: 2 MiB window of a PA -> leaves ``(ipa, level, oa)`` unmapped there
+        #: since the end of the last call (the TLBI may not have come yet).
+        self.unmapped: dict[int, list[tuple[int, int, int]]] = {}
         #: Descriptor stores so far, by anyone.
         self.stores = 0
         self.last_valid: dict[tuple[int, int], int] = {}
@@ -66,6 +71,11 @@ class Monitors:
         self.stores += 1
         ctx = self.p.ctx
         ctx.stores += 1
+        ptep = (pfn << 12) | (idx << 3)
+        if new == d.INVALID_PTE_LOCKED:
+            self.locked_by[ptep] = self.p.task_id()
+        elif old == d.INVALID_PTE_LOCKED:
+            self.locked_by.pop(ptep, None)
         loc = self.p.entry_ipa(pfn, idx)
         if loc is None or old == new:
             return
@@ -80,6 +90,10 @@ class Monitors:
                           f"IPA {ipa:#x} L{level}: live {d.describe(old, level)} replaced "
                           f"by {d.describe(new, level)} without break-before-make "
                           "(invalid + TLBI first; rules §2.4, §9.3 T1)")
+        if d.is_valid(old) and not d.is_table(old, level) and not self.p.config.fwb \
+                and (not d.is_valid(new) or d.pte_pa(new) != d.pte_pa(old)):
+            oa = d.pte_pa(old)
+            self.unmapped.setdefault(oa >> 21, []).append((ipa, level, oa))
         if d.is_valid(old) and d.is_table(old, level):
             self.p.unlink(d.pte_pa(old) >> 12, level + 1)
         elif level < 3 and d.is_valid(old) and not d.is_valid(new):
@@ -198,6 +212,7 @@ class Monitors:
                       "(rules §9.4 D2/D3)")
 
     def on_table_freed(self, pfn: int) -> None:
+        self._check_grace_period(pfn)
         if pfn in self.p.reachable and self.p.mem.page_use(pfn) is not PageUse.PGD \
                 and not self.p.vmid_dead:
             self.fail("table-lifecycle", f"table page PA {pfn << 12:#x} freed while still "
@@ -210,9 +225,77 @@ class Monitors:
                           f"still points to it (L{entry.level} entry for IPA {entry.ipa:#x}); "
                           "it was never covered by a TLBI (rules §9.3 T3)")
 
+    def plain_store_violation(self, ptep: int) -> str | None:
+        """What is wrong with a ``write_pte`` about to be made, if anything.
+
+        ``write_pte`` to an entry other walkers can see needs the write
+        side of mmu_lock, or must publish an entry this task holds LOCKED: a
+        shared walker (read lock, or RCU alone) stores with ``cmpxchg`` from
+        the value it read, or it overwrites whatever another walker installed
+        meanwhile (``stage2_try_set_pte``, ``stage2_make_pte``; rules §7.2)."""
+        p = self.p
+        pfn = ptep >> 12
+        if p.released or p.vmid_dead:
+            return None  # the tree is detached (kvm_pgtable_stage2_destroy runs unlocked)
+        if pfn not in p.reachable and p.mem.page_use(pfn) is not PageUse.PGD:
+            return None  # a table not linked yet (or any more): nobody else sees it
+        task = p.task_id()
+        if p.mmu_lock.held_by(task) == "write":
+            return None
+        old = p.mem.tables[pfn][(ptep & 0xFFF) >> 3]
+        if old == d.INVALID_PTE_LOCKED and self.locked_by.get(ptep, "nobody") == task:
+            return None
+        loc = p.entry_ipa(pfn, (ptep & 0xFFF) >> 3)
+        where = f"IPA {loc[0]:#x} L{loc[1]}" if loc else f"entry {ptep:#x}"
+        held = p.mmu_lock.held_by(task)
+        held = f"held for {held}" if held else "not held"
+        return (f"plain store (write_pte) to the live entry for {where} with mmu_lock "
+                f"{held}: a shared walker must store with cmpxchg from the value it read, "
+                "or publish an entry it holds LOCKED (stage2_try_set_pte, stage2_make_pte; "
+                "rules §7.2)")
+
+    def before_clean(self, lo: int, hi: int) -> None:
+        """Without FWB, the clean+invalidate after an unmap comes after the
+        TLBI: before it a vCPU may still write through its TLB entry and
+        dirty the line again (``stage2_unmap_put_pte`` then
+        ``dcache_clean_inval_poc``; rules §6.2, §9.6 C3)."""
+        for window in range(lo >> 21, ((hi - 1) >> 21) + 1):
+            for ipa, level, oa in self.unmapped.get(window, ()):
+                if not (oa < hi and lo < oa + granule(level)):
+                    continue
+                for vcpu, tlb in enumerate(self.p.tlbs):
+                    for e in tlb.lookup(ipa):
+                        if e.write and e.oa == oa:
+                            self.fail("cache-maintenance", f"clean+invalidate of PA "
+                                      f"{max(lo, oa):#x} after unmapping IPA {ipa:#x} but "
+                                      f"before the TLBI: vCPU{vcpu} can still write through "
+                                      f"{e.describe()} and dirty the line again (TLBI "
+                                      "first, then clean; rules §6.2, §9.6 C3)")
+
+    def _check_grace_period(self, pfn: int) -> None:
+        """A table unlinked while another task was inside an RCU read-side
+        section may be freed only once that section has ended: the task may
+        have read the table's address before the unlink and still walk it
+        (rules §7.2; KVM frees unlinked tables from an RCU callback,
+        ``stage2_free_unlinked_table`` via ``call_rcu``)."""
+        p = self.p
+        during = p.unlinked_during.pop(pfn, None)
+        if not during:
+            return
+        me = p.task_id()
+        inside = sorted((t, sid) for t, sid in during & p.rcu.open_sections() if t != me)
+        if inside:
+            task = inside[0][0]
+            who = f"task {task}" + (f" ({p.scheduler.name_of(task)})" if p.scheduler else "")
+            self.fail("table-lifecycle", f"table page PA {pfn << 12:#x} freed while {who} is "
+                      "still inside the RCU read-side section it was in when the table was "
+                      "unlinked: it may still be walking the table (free it after a grace "
+                      "period, call_rcu; rules §7.3)")
+
     # ------------------------------------------------------- after calls
     def after_call(self, method: str) -> None:
         p = self.p
+        self.unmapped.clear()
         if p.drops.broken:
             p.drops.settle()
         for pfn in self.touched:

@@ -130,7 +130,14 @@ class Services:
     def write_pte(self, ptep: int, new: int) -> None:
         """``WRITE_ONCE(*ptep, new)`` (plus the DSB ISHST that publishes it)."""
         self._enter("write_pte")
-        self._p.store_pte(ptep, new)
+        p = self._p
+        # Judged on the value before the store, reported after it: a store
+        # that also breaks break-before-make is reported as that, the more
+        # specific failure.
+        unlocked = p.monitors.plain_store_violation(ptep)
+        p.store_pte(ptep, new)
+        if unlocked:
+            p.monitors.fail("locking", unlocked)
 
     def cmpxchg_pte(self, ptep: int, old: int, new: int) -> int:
         """``cmpxchg(ptep, old, new)``: returns the value found; the store
@@ -183,6 +190,7 @@ class Services:
         self._enter("dcache_clean_inval_poc")
         from model import cache
         p = self._p
+        p.monitors.before_clean(pa, pa + size)
         p.counters["bytes cleaned+invalidated"] += size
         p.cleaned.append((pa, pa + size))
         first, last = pa >> 12, (pa + size - 1) >> 12

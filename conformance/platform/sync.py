@@ -285,6 +285,11 @@ class Rcu:
                                      frozenset(self._section.items())))
         self._dirty = True
 
+    def open_sections(self) -> frozenset:
+        """The read-side sections open now, as ``(task, section id)``: a
+        section that is in this set again later has not ended in between."""
+        return frozenset(self._section.items())
+
     def readers(self) -> dict[int | None, int]:
         """Task -> nesting, for the tasks inside a read-side section (a copy)."""
         return dict(self._nesting)

@@ -353,12 +353,18 @@ class Oracle:
         if new is None or not new.is_logging:
             self.written.pop((old or new).id, None)
 
-    def harvest(self, slot: Memslot, reported: frozenset[int]) -> tuple[frozenset, frozenset]:
-        """Returns (missing, extra) against R5; then starts a new round."""
+    def harvest(self, slot: Memslot, reported: frozenset[int],
+                in_flight: frozenset[int] = frozenset()) -> tuple[frozenset, frozenset]:
+        """Returns (missing, extra) against R5; then starts a new round.
+
+        ``in_flight``: gfns a write fault running concurrently with the
+        harvest may not have marked yet (``user_mem_abort`` marks the page
+        after it installs the writable leaf and drops mmu_lock): this
+        harvest may miss them, and they stay due for the next one."""
         written = self.written.get(slot.id, set())
-        missing = frozenset(written - reported)
+        missing = frozenset(written - reported - in_flight)
         extra = frozenset(reported - written)
-        self.written[slot.id] = set()
+        self.written[slot.id] = (written & in_flight) - reported
         return missing, extra
 
 

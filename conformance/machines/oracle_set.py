@@ -51,8 +51,8 @@ class OracleSet:
                                     if observed in allowed)
         return union
 
-    def harvest(self, slot, reported):
-        results = [s.harvest(slot, reported) for s in self.states]
+    def harvest(self, slot, reported, in_flight=frozenset()):
+        results = [s.harvest(slot, reported, in_flight) for s in self.states]
         kept = [s for s, (missing, _extra) in zip(self.states, results) if not missing]
         if kept:
             self.states = _distinct(kept)

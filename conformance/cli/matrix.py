@@ -30,6 +30,11 @@ COUNTER_COLUMNS = [
     ("hw AF", "hw AF updates"),
     ("split-dropped pages", "pages dropped by a block split without CMO"),
     ("known findings", "known finding:"),
+    ("RCU callbacks", "rcu callbacks"),
+    ("parallel steps", "parallel steps"),
+    ("sched points", "scheduling points"),
+    ("lock waits", "lock waits"),
+    ("spins", "cpu_relax spins"),
 ]
 
 

@@ -338,6 +338,7 @@ class Services:
         LOCKED entry): in a parallel step, another task runs first."""
         self._enter("cpu_relax")
         p = self._p
+        p.counters["cpu_relax spins"] += 1
         if p.in_task():
             p.scheduler.cpu_relax()
             p.resume()

@@ -166,8 +166,13 @@ def test_the_report_shows_the_failing_steps_interleaving_and_replay_repeats_it(m
     assert doc["format"] == 3 and doc["machine"] == "parallel"
     assert doc["interleavings"] == [list(machine.interleavings[0])]
     text = report.text(report.from_doc(doc))
-    assert "interleaving of the failing parallel step:" in text
-    assert "switch  to task 1 (preemption #0)" in text
+    assert "interleaving of parallel step 2, the failing step (one column per task" in text
+    header = next(line for line in text.splitlines() if "task 0: vCPU0 read" in line)
+    assert "task 1: vCPU1 write" in header  # one column per task, headed by its operation
+    assert ">> to task 1 (preemption #0)" in text
+    markdown = report.markdown(report.from_doc(doc))
+    assert "| # | task 0: vCPU0 read gfn 0x40000 | task 1: vCPU1 write gfn 0x40000" in markdown
+    assert "decision 11: task 0 to task 1 (preemption #0)" in markdown
     encoded = document.decode(document.encode(doc))  # as a file would round-trip it
     _result, _again, out = replay_machine(encoded, ClassicCandidate, candidate="scripted")
     assert out["interleavings"] == doc["interleavings"]

@@ -35,6 +35,7 @@ from typing import Any
 import attrs
 
 from conformance.failures import document
+from conformance.failures import interleaving as columns
 from conformance.failures.state import step_number
 from conformance.machines.parallel import PARALLEL_RULES
 
@@ -69,8 +70,11 @@ class Report:
     replay_path: str | None = None
     report_path: str | None = None
     caches: list[str] = attrs.Factory(list)
-    #: The realized interleaving of the failing parallel step (empty otherwise).
+    #: The realized interleaving of the failing parallel step, or of the last
+    #: one before the failing step (empty if there is none).
     interleaving: list[str] = attrs.Factory(list)
+    #: Which step that interleaving is of, and whether it is the failing one.
+    interleaving_step: int | None = None
     #: Steps :mod:`conformance.failures.polish` deleted from Hypothesis's shrunk program.
     deleted_steps: int = 0
 
@@ -139,17 +143,33 @@ def from_doc(doc: dict, *, replay_path: str | None = None,
         leaves=list(state.get("leaves", ())), counters=dict(doc.get("counters") or {}),
         settings=doc.get("settings"), replay_path=replay_path, report_path=report_path,
         caches=list(state.get("caches", ())), deleted_steps=doc.get("deleted_steps", 0),
-        interleaving=_failing_interleaving(doc, failed_no))
+        **_failing_interleaving(doc, failed_no))
 
 
-def _failing_interleaving(doc: dict, failed_no: int | None) -> list[str]:
-    """The recorded interleaving of the parallel step that failed, if it is one."""
+def _failing_interleaving(doc: dict, failed_no: int | None) -> dict:
+    """The recorded interleaving of the parallel step that failed or, when the
+    failure comes later (a leak found at teardown), of the last parallel step
+    before it that interleaved anything."""
     parallel = [n for n, step in enumerate(doc.get("steps", ()), start=1)
                 if step.get("rule") in PARALLEL_RULES]
     runs = doc.get("interleavings") or []
-    if failed_no not in parallel or len(runs) < parallel.index(failed_no) + 1:
-        return []
-    return list(runs[parallel.index(failed_no)])
+    if failed_no is None:
+        return {}
+    for i in range(min(len(parallel), len(runs)) - 1, -1, -1):
+        if parallel[i] <= failed_no and runs[i]:
+            return {"interleaving": list(runs[i]), "interleaving_step": parallel[i]}
+    return {}
+
+
+def _interleaving_title(report) -> str:
+    n = report.interleaving_step
+    if n == _failed_number(report):
+        return f"interleaving of parallel step {n}, the failing step"
+    return f"interleaving of parallel step {n}, the last one before the failing step"
+
+
+def _failed_number(report):
+    return next((r.number for r in report.rows if r.failed), None)
 
 
 def _settings_line(settings: dict | None) -> str | None:
@@ -205,8 +225,14 @@ def markdown(report: Report) -> str:
     if report.caches:
         lines += ["## Caches at the failing step", "", "```", *report.caches, "```", ""]
     if report.interleaving:
-        lines += ["## Interleaving of the failing parallel step", "", "```",
-                  *report.interleaving, "```", ""]
+        cols = columns.columns(report.interleaving)
+        fired = columns.preemptions(cols)
+        title = _interleaving_title(report)
+        lines += [f"## {title[0].upper()}{title[1:]}", "",
+                  "One column per task (CPU), one row per scheduling decision; **>>** marks "
+                  "a preemption of the schedule" + (f" ({'; '.join(fired)})" if fired
+                                                     else " (none fired)") + ".", "",
+                  *columns.as_markdown(cols), ""]
     if report.leaves:
         lines += ["## All stage-2 leaves", "", "```", *report.leaves, "```", ""]
     if report.counters:
@@ -250,8 +276,8 @@ def text(report: Report) -> str:
         out.append("caches at the failing step:")
         out.extend(f"  {line}" for line in report.caches)
     if report.interleaving:
-        out.append("interleaving of the failing parallel step:")
-        out.extend(f"  {line}" for line in report.interleaving)
+        out.append(f"{_interleaving_title(report)} (one column per task; >> a preemption):")
+        out.extend(f"  {line}" for line in columns.as_text(columns.columns(report.interleaving)))
     if report.leaves:
         out.append("all stage-2 leaves: " + report.leaves[0])
         out.extend(f"  {line}" for line in report.leaves[1:])
@@ -322,9 +348,10 @@ def renderable(report: Report):
         parts.append(Panel(Text("\n".join(report.caches)), box=box.SQUARE, expand=False,
                            title="caches at the failing step", title_align="left"))
     if report.interleaving:
-        parts.append(Panel(Text("\n".join(report.interleaving)), box=box.SQUARE,
-                           expand=False, title="interleaving of the failing parallel step",
-                           title_align="left"))
+        cols = columns.columns(report.interleaving)
+        parts.append(Panel(Text("\n".join(columns.as_text(cols, width=30))), box=box.SQUARE,
+                           expand=False, title=f"{_interleaving_title(report)} "
+                           "(one column per task; >> a preemption)", title_align="left"))
     if report.leaves:
         parts.append(Panel(Text("\n".join(report.leaves)), box=box.SQUARE, expand=False,
                            title="all stage-2 leaves", title_align="left"))

@@ -1,0 +1,98 @@
+"""The interleaving of a failing parallel step, one column per task (CPU).
+
+The replay file records each scheduling decision as one line
+(``Event.describe()``: ``decision  task N  kind  detail``). A reader wants
+to see who did what while the others waited: this module lays the lines out
+as a table with one column per task, headed by the operation the task ran
+(vCPU faults, notifiers, harvests, RCU callbacks), and marks the
+preemptions that made the interleaving.
+"""
+
+from __future__ import annotations
+
+import attrs
+
+#: Rows shown before the elision (the start of the step) and after it (the
+#: events leading to the failure).
+HEAD, TAIL = 12, 48
+
+
+@attrs.frozen
+class Row:
+    decision: int
+    task: int
+    text: str
+
+
+@attrs.frozen
+class Columns:
+    """``tasks[i]``: the header of task i; ``rows``: every event, in order."""
+
+    tasks: tuple[str, ...]
+    rows: tuple[Row, ...]
+
+
+def columns(lines) -> Columns:
+    """Parse recorded interleaving lines into one column per task."""
+    rows, names = [], {}
+    for line in lines:
+        parts = line.strip().split("  ")
+        if len(parts) < 3 or not parts[1].startswith("task "):
+            continue
+        decision, task, kind = int(parts[0]), int(parts[1][5:]), parts[2]
+        detail = "  ".join(parts[3:])
+        if kind == "start":
+            names[task] = detail
+            continue
+        if kind == "switch":
+            text = f">> {detail}" if "preemption" in detail else f"-> {detail}"
+        else:
+            text = f"{kind} {detail}".strip()
+        rows.append(Row(decision, task, text))
+    n = max([r.task for r in rows] + list(names) + [-1]) + 1
+    tasks = tuple(f"task {t}: {names.get(t, '?')}" for t in range(n))
+    return Columns(tasks, tuple(rows))
+
+
+def _shown(rows):
+    """The first HEAD and last TAIL rows, with ``None`` where rows are left out."""
+    if len(rows) <= HEAD + TAIL + 1:
+        return list(rows)
+    return list(rows[:HEAD]) + [None] + list(rows[-TAIL:])
+
+
+def as_markdown(cols: Columns) -> list[str]:
+    """A Markdown table: the decision number, then one column per task."""
+    out = ["| # | " + " | ".join(cols.tasks) + " |",
+           "|---:|" + "---|" * len(cols.tasks)]
+    for row in _shown(cols.rows):
+        if row is None:
+            out.append("| … |" + " |" * len(cols.tasks))
+            continue
+        cells = [""] * len(cols.tasks)
+        cells[row.task] = f"`{row.text}`" if not row.text.startswith(">>") else \
+            f"**{row.text}**"
+        out.append(f"| {row.decision} | " + " | ".join(cells) + " |")
+    return out
+
+
+def as_text(cols: Columns, width: int = 34) -> list[str]:
+    """Fixed-width columns for a terminal or a text report."""
+    def cell(text: str) -> str:
+        return text if len(text) <= width else text[:width - 1] + "~"
+
+    out = ["     # " + " ".join(cell(t).ljust(width) for t in cols.tasks).rstrip()]
+    for row in _shown(cols.rows):
+        if row is None:
+            out.append("   ...")
+            continue
+        cells = [""] * len(cols.tasks)
+        cells[row.task] = cell(row.text)
+        out.append(f"{row.decision:>6} " + " ".join(c.ljust(width) for c in cells).rstrip())
+    return out
+
+
+def preemptions(cols: Columns) -> list[str]:
+    """The preemptions that fired, as ``decision N: task T -> task U``."""
+    return [f"decision {r.decision}: task {r.task} {r.text[3:]}" for r in cols.rows
+            if r.text.startswith(">>")]

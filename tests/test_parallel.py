@@ -344,3 +344,19 @@ def test_a_failing_step_with_a_harvest_is_described():
     assert ParallelMachine._describe(None, frozenset({0x40001, 0x40000})) == \
         "reported {0x40000, 0x40001}"
     assert ParallelMachine._describe(None, None) == "done"
+
+
+def test_a_failure_after_the_step_shows_the_last_parallel_steps_interleaving(monkeypatch):
+    """The plain store's leaked table is found at teardown: the report shows
+    the interleaving that caused it, one column per vCPU."""
+    from conformance.failures import document, report
+    from conformance.platform.monitors import Monitors
+
+    monkeypatch.setattr(Monitors, "plain_store_violation", lambda self, ptep: None)
+    failure, machine = _play(PlainStoreInSharedWalk, _parallel())
+    assert failure is not None and "teardown" in failure.step
+    doc = document.replay_document("scripted", PlainStoreInSharedWalk, failure, machine.calls,
+                                   machine.trace, {}, machine=machine)
+    text = report.text(report.from_doc(doc))
+    assert "interleaving of parallel step 2, the last one before the failing step" in text
+    assert ">> to task 1 (preemption #0)" in text

@@ -44,7 +44,7 @@ class ReferenceCandidate(KvmBase):
 
     def flush_vm(self) -> None:
         with self.services.mmu_write_lock():
-            for slot in self.services.memslots():
+            for slot in self.services.memslots() if self.pgt is not None else ():
                 self.pgt.flush(slot.base_gfn << 12, slot.end_gfn << 12)
 
     # --------------------------------------------------------- the fault path
@@ -59,15 +59,18 @@ class ReferenceCandidate(KvmBase):
             return Exit.EFAULT
         writable = page.writable and not slot.readonly and (write or not slot.is_logging)
         prot = d.Prot.R | d.Prot.X | (d.Prot.W if writable else d.Prot(0))
+        exit_ = Exit.RESUME
         with self.services.mmu_write_lock():
-            if not self.mmu_invalidate_retry(seq):
+            if self.pgt is None:
+                exit_ = Exit.EFAULT  # release won the race: the mm is gone (rules §5.2)
+            elif not self.mmu_invalidate_retry(seq):
                 new = d.make_leaf(page.pfn << 12, 3, prot, self.config.fwb)
                 ptep, old, level = self.pgt.lookup(fault.ipa, alloc_to=3)
                 self.pgt.install(ptep, old, new, fault.ipa, 3)
                 if writable and slot.is_logging:
                     self.services.mark_page_dirty(slot, fault.gfn)
         self.services.release_page(page.pfn)
-        return Exit.RESUME
+        return exit_
 
     # ------------------------------------------------------------ notifiers
     def unmap_gfn_range(self, slot: Memslot, start: int, end: int) -> None:

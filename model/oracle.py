@@ -41,12 +41,17 @@ R4 Maintenance promises [§6.5 G-C1..G-C4]. KVM cleans+invalidates a page to
    observer, without ever naming it.
 R5 Dirty logging [§4.7, §9.4 D2/D4]. A harvest must report every gfn the guest
    wrote in that slot since logging was enabled or the last harvest; extra
-   bits are legal (over-report) and counted.
+   bits are legal (over-report) and counted. A harvest running concurrently
+   with a guest write may miss that write's page (the fault marks it after
+   its install [§3.1 step 19]): the page stays due for the next harvest.
 R6 Permission upgrades [§5.4, §9.5 N5] are invisible: nothing changes.
 R7 Known findings [§6.6, docs/findings.md]. When a candidate that declares
    a known finding shows it on a page, the observation is adopted
    (:meth:`Oracle.adopt_stale_line`) instead of judged; the rules above are
    not relaxed for anything else.
+R8 Release [§5.2]. Once the VMM's mm is gone (``exit_mmap`` raised the
+   notifier ``release``), no vCPU enters the guest again: every guest access
+   is an EFAULT exit.
 """
 
 from __future__ import annotations
@@ -95,6 +100,7 @@ class Oracle:
     exposed: set[int] = attrs.Factory(set)
     written: dict[int, set[int]] = attrs.Factory(dict)
     mapped: set[int] = attrs.Factory(set)  # gfns certainly mapped (G-C3)
+    released: bool = False  # R8
 
     def __attrs_post_init__(self):
         n = self.config.nr_vcpus
@@ -106,7 +112,8 @@ class Oracle:
         return Oracle(self.config, dict(self.memslots), list(self.vmas), dict(self.pages),
                       set(self.ksm), list(self.sctlr), list(self.tvm_armed),
                       set(self.exposed),
-                      {k: set(v) for k, v in self.written.items()}, set(self.mapped))
+                      {k: set(v) for k, v in self.written.items()}, set(self.mapped),
+                      self.released)
 
     # ------------------------------------------------------------ helpers
     def _closed(self, states) -> frozenset[LineState]:
@@ -217,6 +224,8 @@ class Oracle:
         return allowed
 
     def _access_outcomes(self, vcpu, gfn, kind, value) -> frozenset[Outcome]:
+        if self.released:
+            return frozenset([EFAULT])  # R8
         slot = self.slot_for_gfn(gfn)
         if slot is None or (kind == "write" and slot.readonly):
             return frozenset([MMIO])  # R2
@@ -284,6 +293,10 @@ class Oracle:
         if observed is not None and observed in allowed:
             self._observe(hva, "cacheable", observed)
         return allowed
+
+    def release(self) -> None:
+        """R8: the notifier ``release`` (``exit_mmap``): no guest access from now on."""
+        self.released = True
 
     def adopt_stale_line(self, hva: int, value: int) -> None:
         """R7, finding ``block-split-no-cmo``: an observer read ``value``, a

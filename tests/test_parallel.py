@@ -360,3 +360,53 @@ def test_a_failure_after_the_step_shows_the_last_parallel_steps_interleaving(mon
     text = report.text(report.from_doc(doc))
     assert "interleaving of parallel step 2, the last one before the failing step" in text
     assert ">> to task 1 (preemption #0)" in text
+
+
+# ------------------------------------------------- release during a run
+RELEASE_RACE = (OpSpec("read", 0), OpSpec("release"))
+#: The fault is preempted just before it takes mmu_lock: exit_mmap's
+#: notifier release detaches and destroys the tree, then the fault resumes.
+FAULT_AFTER_RELEASE = Schedule((Preemption(0, 1, "write_lock", 1),
+                                Preemption(0, 1, "read_lock", 1)))
+
+
+@pytest.mark.parametrize("cls", [ClassicCandidate, ReferenceCandidate],
+                         ids=["kvm-classic", "reference"])
+def test_release_racing_a_fault_exits_and_leaks_nothing(cls, play):
+    """Seed 002's race: the fault must find the tree gone and exit; every
+    later guest access exits too (oracle R8); teardown finds no leak."""
+    race = ("parallel", dict(where=0, ops=RELEASE_RACE, schedule=FAULT_AFTER_RELEASE,
+                             refault=True))  # migrated first: the read faults
+    failure, machine = _play(cls, ("guest_read", dict(vcpu=1, where=0, pages=1)), race,
+                             ("guest_write", dict(vcpu=1, where=0, pages=1)))
+    assert failure is None, str(failure)
+    assert machine.platform.released and not machine.live
+    assert any("preemption #" in e for e in machine.interleavings[-1])
+
+
+def test_a_fault_that_ignores_release_is_reported_at_its_step():
+    """The reference candidate before the fix: its fault path used the tree
+    that release had detached (None here) and crashed; the suite reports a
+    candidate error naming the parallel step, not a harness crash."""
+    from conformance.errors import CandidateError
+    from conformance.protocol import Exit
+    from model import descriptors as d
+
+    class ReleaseBlind(ReferenceCandidate):
+        def handle_guest_abort(self, vcpu, fault):
+            slot = self.gfn_to_memslot(fault.gfn)
+            if slot is None:
+                return Exit.MMIO
+            page = self.services.gup(slot.gfn_to_hva(fault.gfn), fault.is_write_fault)
+            if page is None:
+                return Exit.EFAULT
+            with self.services.mmu_write_lock():
+                new = d.make_leaf(page.pfn << 12, 3, d.Prot.R | d.Prot.W, self.config.fwb)
+                ptep, old, _level = self.pgt.lookup(fault.ipa, alloc_to=3)
+                self.pgt.install(ptep, old, new, fault.ipa, 3)
+            self.services.release_page(page.pfn)
+            return Exit.RESUME
+
+    failure, _ = _play(ReleaseBlind, _parallel(RELEASE_RACE, FAULT_AFTER_RELEASE))
+    assert isinstance(failure, CandidateError), failure
+    assert "2: parallel(" in failure.step and "handle_guest_abort" in failure.message

@@ -19,9 +19,22 @@ HEAD, TAIL = 12, 48
 
 @attrs.frozen
 class Row:
+    """One event, or a run of ``repeat`` identical events of one task
+    (decisions ``decision`` .. ``last``)."""
+
     decision: int
     task: int
     text: str
+    repeat: int = 1
+    last: int | None = None
+
+    @property
+    def number(self) -> str:
+        return str(self.decision) if self.repeat == 1 else f"{self.decision}-{self.last}"
+
+    @property
+    def shown(self) -> str:
+        return self.text if self.repeat == 1 else f"{self.text} (x{self.repeat})"
 
 
 @attrs.frozen
@@ -48,7 +61,12 @@ def columns(lines) -> Columns:
             text = f">> {detail}" if "preemption" in detail else f"-> {detail}"
         else:
             text = f"{kind} {detail}".strip()
-        rows.append(Row(decision, task, text))
+        prev = rows[-1] if rows else None
+        if prev is not None and prev.task == task and prev.text == text \
+                and not text.startswith(("->", ">>")):
+            rows[-1] = attrs.evolve(prev, repeat=prev.repeat + 1, last=decision)
+        else:
+            rows.append(Row(decision, task, text))
     n = max([r.task for r in rows] + list(names) + [-1]) + 1
     tasks = tuple(f"task {t}: {names.get(t, '?')}" for t in range(n))
     return Columns(tasks, tuple(rows))
@@ -70,9 +88,9 @@ def as_markdown(cols: Columns) -> list[str]:
             out.append("| … |" + " |" * len(cols.tasks))
             continue
         cells = [""] * len(cols.tasks)
-        cells[row.task] = f"`{row.text}`" if not row.text.startswith(">>") else \
+        cells[row.task] = f"`{row.shown}`" if not row.text.startswith(">>") else \
             f"**{row.text}**"
-        out.append(f"| {row.decision} | " + " | ".join(cells) + " |")
+        out.append(f"| {row.number} | " + " | ".join(cells) + " |")
     return out
 
 
@@ -81,14 +99,14 @@ def as_text(cols: Columns, width: int = 34) -> list[str]:
     def cell(text: str) -> str:
         return text if len(text) <= width else text[:width - 1] + "~"
 
-    out = ["     # " + " ".join(cell(t).ljust(width) for t in cols.tasks).rstrip()]
+    out = ["          # " + " ".join(cell(t).ljust(width) for t in cols.tasks).rstrip()]
     for row in _shown(cols.rows):
         if row is None:
-            out.append("   ...")
+            out.append("        ...")
             continue
         cells = [""] * len(cols.tasks)
-        cells[row.task] = cell(row.text)
-        out.append(f"{row.decision:>6} " + " ".join(c.ljust(width) for c in cells).rstrip())
+        cells[row.task] = cell(row.shown)
+        out.append(f"{row.number:>11} " + " ".join(c.ljust(width) for c in cells).rstrip())
     return out
 
 

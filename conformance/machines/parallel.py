@@ -65,7 +65,9 @@ class OpSpec:
     one of :data:`NOTIFIER_OPS`); an ``age`` (the aging call ``host_op``, one
     of :data:`AGING_OPS`, on the page); or a ``harvest`` (``KVM_GET_DIRTY_LOG``
     of the page's memslot, when it logs; one per step, since KVM serialises
-    them with ``slots_lock``)."""
+    them with ``slots_lock``); or a ``release``: the VMM process exits
+    (``exit_mmap`` raises the MMU notifier ``release``) while the other
+    operations run; the program ends with the step."""
 
     kind: str
     vcpu: int = 0
@@ -81,6 +83,7 @@ INVALIDATE_OP = st.builds(OpSpec, kind=st.just("invalidate"), neighbour=NEIGHBOU
 AGE_OP = st.builds(OpSpec, kind=st.just("age"), neighbour=NEIGHBOUR,
                    host_op=st.sampled_from(AGING_OPS))
 HARVEST_OP = st.just(OpSpec("harvest"))
+RELEASE_OP = st.just(OpSpec("release"))
 OP = st.one_of(GUEST_OP, GUEST_OP, GUEST_OP, INVALIDATE_OP, AGE_OP, HARVEST_OP)
 OPS = st.lists(OP, min_size=2, max_size=4).map(tuple)
 PREEMPTION = st.builds(Preemption, task=st.integers(0, 3), after=st.sampled_from(AFTER),
@@ -114,9 +117,11 @@ def _with(guests, other, at):
 
 
 #: A fault racing a notifier invalidation (the ``mmu_invalidate_retry`` race:
-#: the fault's GUP saw the old page), an aging call or a harvest.
+#: the fault's GUP saw the old page), an aging call, a harvest or, rarely
+#: (it ends the program), the process exiting.
 HOST_RACE_OPS = st.builds(_with, st.lists(GUEST_OP, min_size=1, max_size=2),
-                          st.one_of(INVALIDATE_OP, INVALIDATE_OP, AGE_OP, HARVEST_OP),
+                          st.one_of(*[INVALIDATE_OP] * 4, AGE_OP, AGE_OP, HARVEST_OP,
+                                    HARVEST_OP, RELEASE_OP),
                           st.integers(0, 2))
 HOST_RACE_SCHEDULES = _race_schedules(("gup", "read_lock", "write_lock", "pte store",
                                        "host pte change", "mark_page_dirty",
@@ -282,8 +287,8 @@ class ParallelMachine(Stage2Machine):
                 vcpu = min(free, key=lambda v: (v - self._vcpu(spec.vcpu)) % nr_vcpus)
                 used.add(vcpu)
                 planned = self._plan_guest(spec, vcpu, gfn)
-            elif spec.kind == "harvest" and "harvest" in used:
-                continue  # KVM_GET_DIRTY_LOG runs under slots_lock: one at a time
+            elif spec.kind in ("harvest", "release") and spec.kind in used:
+                continue  # KVM_GET_DIRTY_LOG runs under slots_lock; one exit
             else:
                 used.add(spec.kind)
                 planned = getattr(self, f"_plan_{spec.kind}")(spec, gfn)
@@ -350,6 +355,15 @@ class ParallelMachine(Stage2Machine):
         # Judged by its monitor (what it may store, what it returns), not
         # by the oracle: stage 2's AF is not guest-visible state here.
         return _Planned(f"{spec.host_op} hva {hva:#x}", run, lambda oracle, _got: True)
+
+    def _plan_release(self, spec, gfn) -> _Planned | None:
+        p = self.platform
+
+        def apply(oracle, _observed):
+            oracle.release()
+            return True
+
+        return _Planned("exit_mmap (notifier release)", p.exit_mmap, apply)
 
     def _plan_harvest(self, spec, gfn) -> _Planned | None:
         slot = self.platform.slot_for_gfn(gfn)

@@ -217,6 +217,11 @@ class Platform(CandidateCalls, Locking, Mmu, HostEvents):
             tlb.invalidate_all()
 
     def exit_mmap(self) -> None:
+        """The VMM process exits: no vCPU enters the guest again, the MMU
+        notifier ``release`` runs (perhaps while faults are in flight, in a
+        parallel step), then the host's page tables go. Once only."""
+        if self.released:
+            return
         self._vmid_dead()
         self.call("release")
         self.released = True

@@ -52,7 +52,10 @@ class Mmu:
                 self.unlink(d.pte_pa(pte) >> 12, level + 1)
 
     def tlb_fill(self, ipa: int, level: int, pte: int) -> None:
-        """Speculative walks: every vCPU may cache a valid, AF=1 descriptor."""
+        """Speculative walks: every vCPU may cache a valid, AF=1 descriptor
+        (none once the VM's VMID is dead: no vCPU runs)."""
+        if self.vmid_dead:
+            return
         if d.is_table(pte, level):
             entry = WalkEntry(ipa, level, d.pte_pa(pte) >> 12)
             for tlb in self.tlbs:
@@ -124,6 +127,8 @@ class Mmu:
                 # TLBI completes only after the walks and accesses in flight
                 # that use what it removes (Arm ARM D8, TLB maintenance).
                 self.yield_point("hw access", f"vCPU{vcpu} {kind} IPA {ipa:#x}")
+            if self.vmid_dead:  # exit_mmap: the vCPU never enters the guest again
+                return Access(exit=Exit.EFAULT)
             result = self.translate(vcpu, ipa, write, exec_)
             if isinstance(result, TlbEntry):
                 return self._perform(vcpu, ipa, result, kind, value)

@@ -11,8 +11,9 @@ the policy lives in one place: a task runs until it finishes, blocks, spins or
 a :class:`Preemption` fires; then ``to`` runs if it can, else the next runnable
 foreground task after the current one in id order (the current one last),
 else a background task (``call_rcu`` callbacks: grace periods as late as
-possible). Each trace event is one *decision*; ``livelock_bound`` decisions
-without progress, or more than ``max_decisions``, is a :class:`Livelock`; no
+possible). Each trace event is one *decision*; ``livelock_bound`` handovers
+(switches and blocks) without progress (a task finishing or taking a lock),
+or more than ``max_decisions`` decisions, is a :class:`Livelock`; no
 runnable task while some are blocked is a :class:`Deadlock`. On any failure
 every unfinished task is unwound (:class:`Unwound` is thrown in, its
 ``finally`` blocks run) before ``run()`` raises: no greenlet outlives it.
@@ -42,6 +43,8 @@ def _text(reason) -> str:
 
 
 _NEW, _RUNNABLE, _BLOCKED, _DONE = "new", "runnable", "blocked", "done"
+#: Events that hand the CPU to another task (what a livelock is made of).
+_HANDOVERS = frozenset({"switch", "block"})
 # Requests a task sends to the hub when it gives up control.
 _FINISHED, _RELAX, _BLOCK, _ABORT, _PREEMPT = (
     "finished", "cpu_relax", "blocked", "abort", "preempt")
@@ -262,7 +265,10 @@ class Scheduler:
     # --------------------------------------------------- failure and bounds
     def _record(self, task: int, kind: str, detail: str = "") -> None:
         self._decisions += 1
-        self._since_progress += 1
+        if kind in _HANDOVERS:
+            # Only handing the CPU over counts towards a livelock: a task
+            # that goes on running (a long teardown walk) is making progress.
+            self._since_progress += 1
         self.trace.append(Event(self._decisions, task, kind, detail))
 
     def _livelock(self) -> str:
@@ -270,8 +276,8 @@ class Scheduler:
         if self._decisions > self.max_decisions:
             why = f"more than {self.max_decisions} scheduling decisions (max_decisions)"
         elif self._since_progress > self.livelock_bound:
-            why = (f"no progress within {self.livelock_bound} scheduling decisions (no "
-                   "task finished or reported progress)")
+            why = (f"no progress within {self.livelock_bound} handovers between tasks (no "
+                   "task finished or took a lock)")
         else:
             return ""
         states = "; ".join(f"task {t.id} ({t.name}): " + (

@@ -278,3 +278,37 @@ def test_matrix_json_to_standard_output(capsys):
                      "--json", "-"]) == 0
     rows = json.loads(capsys.readouterr().out)  # nothing but the JSON
     assert rows[0]["candidate"] == "reference" and rows[0]["status"] == "pass"
+
+
+def test_replay_of_a_parallel_failure_says_whether_the_interleaving_diverged(tmp_path, capsys):
+    """Against the recorded candidate the interleaving is the same; against
+    one that takes another path the replay says where it first differs."""
+    import json
+
+    from candidates.mutants.classic_mutants import PlainStoreInSharedWalk
+    from conformance.failures import document
+    from conformance.failures.polish import play
+    from conformance.machines.parallel import OpSpec
+    from conformance.platform.scheduler import Preemption, Schedule
+    from conformance.protocol import Memslot, VmConfig
+    from strategies.layouts import Layout, Vma
+
+    hva = 0x4000_0000
+    layout = Layout((Memslot(0, 0x40000, 512, hva),), (Vma(hva, hva + (512 << 12), True),),
+                    "cold", False)
+    steps = [("boot", dict(config=VmConfig(ipa_bits=40, fwb=False, hw_af=True, nr_vcpus=2),
+                           layout=layout)),
+             ("parallel", dict(where=0, ops=(OpSpec("read", 0), OpSpec("write", 1)),
+                               schedule=Schedule((Preemption(0, 1, "pte store", 1),))))]
+    name = "mutant-plain-store-in-shared-walk"
+    failure, machine = play(name, PlainStoreInSharedWalk, steps, "parallel")
+    doc = document.replay_document(name, PlainStoreInSharedWalk, failure, machine.calls,
+                                   machine.trace, {}, machine=machine)
+    path = tmp_path / "race.json"
+    path.write_text(json.dumps(document.encode(doc)))
+    capsys.readouterr()
+    assert cli.main(["replay", str(path)]) == 1
+    assert "the same interleavings as recorded" in capsys.readouterr().out
+    assert cli.main(["replay", str(path), "--candidate", "kvm-classic"]) == 0
+    out = capsys.readouterr().out
+    assert "PASS kvm-classic" in out and "parallel step #1 diverged" in out

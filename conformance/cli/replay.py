@@ -53,7 +53,13 @@ def command(args: argparse.Namespace) -> int:
         print(f"PASS {name}: it imports now (recorded: [{recorded.get('property')}: "
               f"{recorded.get('kind')}] {recorded.get('message')})")
         return 0
-    result, _machine, out = replay.replay_machine(doc, cls, candidate=name)
+    result, machine, out = replay.replay_machine(doc, cls, candidate=name)
+    if doc.get("interleavings") is not None:
+        from conformance.failures.interleaving import divergence
+
+        diverged = divergence(doc["interleavings"],
+                              [list(i) for i in getattr(machine, "interleavings", ())])
+        print(diverged or "the same interleavings as recorded")
     if result.status == "pass":
         print(f"PASS {name}: the recorded program no longer fails "
               f"(recorded: [{recorded.get('property')}] in step {recorded.get('step')})")

@@ -114,3 +114,25 @@ def preemptions(cols: Columns) -> list[str]:
     """The preemptions that fired, as ``decision N: task T -> task U``."""
     return [f"decision {r.decision}: task {r.task} {r.text[3:]}" for r in cols.rows
             if r.text.startswith(">>")]
+
+
+def divergence(recorded, realized) -> str | None:
+    """Where a replay's interleavings first differ from the recorded ones
+    (lists of per-parallel-step line lists), in words; ``None`` if equal.
+    Against the same candidate and suite version they never differ: the
+    scheduler is deterministic. A different candidate (a fix) or a changed
+    candidate takes another path, and this says where."""
+    recorded, realized = list(recorded or ()), list(realized or ())
+    for step, (was, now) in enumerate(zip(recorded, realized), start=1):
+        was, now = list(was), list(now)
+        for was_line, now_line in zip(was, now):
+            if was_line != now_line:
+                return (f"parallel step #{step} diverged from the recorded interleaving: "
+                        f"recorded '{was_line.strip()}', now '{now_line.strip()}'")
+        if len(was) != len(now):
+            return (f"parallel step #{step} diverged from the recorded interleaving: "
+                    f"{len(was)} decisions recorded, {len(now)} now")
+    if len(recorded) != len(realized):
+        return (f"{len(recorded)} parallel step(s) recorded, {len(realized)} ran "
+                "(the program ended elsewhere)")
+    return None

@@ -59,6 +59,8 @@ def columns(lines) -> Columns:
             continue
         if kind == "switch":
             text = f">> {detail}" if "preemption" in detail else f"-> {detail}"
+        elif kind == "pte store":  # the detail names the service and the entry
+            text = detail
         else:
             text = f"{kind} {detail}".strip()
         prev = rows[-1] if rows else None
@@ -94,7 +96,7 @@ def as_markdown(cols: Columns) -> list[str]:
     return out
 
 
-def as_text(cols: Columns, width: int = 34) -> list[str]:
+def as_text(cols: Columns, width: int = 48) -> list[str]:
     """Fixed-width columns for a terminal or a text report."""
     def cell(text: str) -> str:
         return text if len(text) <= width else text[:width - 1] + "~"

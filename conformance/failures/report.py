@@ -349,7 +349,7 @@ def renderable(report: Report):
                            title="caches at the failing step", title_align="left"))
     if report.interleaving:
         cols = columns.columns(report.interleaving)
-        parts.append(Panel(Text("\n".join(columns.as_text(cols, width=30))), box=box.SQUARE,
+        parts.append(Panel(Text("\n".join(columns.as_text(cols, width=40))), box=box.SQUARE,
                            expand=False, title=f"{_interleaving_title(report)} "
                            "(one column per task; >> a preemption)", title_align="left"))
     if report.leaves:

@@ -15,6 +15,7 @@ import threading
 from typing import Any
 
 from conformance.errors import CandidateError, PropertyViolation
+from model import descriptors as d
 
 #: Service calls one candidate call may make before it is declared stuck.
 MAX_SERVICE_CALLS = 200_000
@@ -24,6 +25,14 @@ CALL_TIMEOUT = 10.0
 
 #: Services that store a descriptor (one scheduling-point kind, "pte store").
 _STORES = frozenset({"write_pte", "cmpxchg_pte", "xchg_pte"})
+
+
+def _short(pte: int, level: int) -> str:
+    if pte == d.INVALID_PTE_LOCKED:
+        return "LOCKED"
+    if not d.is_valid(pte):
+        return "invalid"
+    return "table" if d.is_table(pte, level) else f"L{level} leaf PA {d.pte_pa(pte):#x}"
 
 
 class _Timeout(BaseException):
@@ -110,12 +119,13 @@ class CandidateCalls:
                 signal.setitimer(signal.ITIMER_REAL, 0)
                 signal.signal(signal.SIGALRM, previous)
 
-    def count_service_call(self, name: str) -> None:
+    def count_service_call(self, name: str, ptep: int | None = None,
+                           new: int | None = None) -> None:
         if self.scheduler is not None and self.scheduler.current is not None:
             # The three PTE stores share one point kind, so that a schedule
             # says "before its first store" whichever one a design uses.
             if name in _STORES:
-                self.yield_point("pte store", name)
+                self.yield_point("pte store", self._store_detail(name, ptep, new))
             else:
                 self.yield_point(name)
         ctx = self.ctx
@@ -127,3 +137,14 @@ class CandidateCalls:
                 step=self.step)
 
 
+
+    def _store_detail(self, name: str, ptep: int | None, new: int | None) -> str:
+        """``write_pte IPA 0x40000000 L2: invalid -> table`` for the interleaving."""
+        if ptep is None:
+            return name
+        loc = self.entry_ipa(ptep >> 12, (ptep & 0xFFF) >> 3)
+        if loc is None:
+            return f"{name} {ptep:#x} (unlinked table)"
+        ipa, level = loc
+        old = self.mem.tables.get(ptep >> 12, [0] * 512)[(ptep & 0xFFF) >> 3]
+        return f"{name} IPA {ipa:#x} L{level}: {_short(old, level)} -> {_short(new, level)}"

@@ -129,8 +129,8 @@ class Services:
 
     def write_pte(self, ptep: int, new: int) -> None:
         """``WRITE_ONCE(*ptep, new)`` (plus the DSB ISHST that publishes it)."""
-        self._enter("write_pte")
         p = self._p
+        p.count_service_call("write_pte", ptep, new)
         # Judged on the value before the store, reported after it: a store
         # that also breaks break-before-make is reported as that, the more
         # specific failure.
@@ -142,14 +142,14 @@ class Services:
     def cmpxchg_pte(self, ptep: int, old: int, new: int) -> int:
         """``cmpxchg(ptep, old, new)``: returns the value found; the store
         happened iff it equals ``old``."""
-        self._enter("cmpxchg_pte")
+        self._p.count_service_call("cmpxchg_pte", ptep, new)
         cur = self._p.table(ptep >> 12, "cmpxchg_pte")[(ptep & 0xFFF) >> 3]
         if cur == old:
             self._p.store_pte(ptep, new)
         return cur
 
     def xchg_pte(self, ptep: int, new: int) -> int:
-        self._enter("xchg_pte")
+        self._p.count_service_call("xchg_pte", ptep, new)
         return self._p.store_pte(ptep, new)
 
     # ------------------------------------------------------------------ TLBI

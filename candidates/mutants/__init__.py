@@ -7,13 +7,17 @@ or breaks one invariant (rules §9). Metadata on the class says what it is
 counterexample.
 
 * :mod:`candidates.mutants.reference_mutants` — mutants of ``reference``;
-* :mod:`candidates.mutants.classic_mutants` — mutants of ``kvm-classic``.
+* :mod:`candidates.mutants.classic_mutants` — mutants of ``kvm-classic``;
+* :mod:`candidates.mutants.concurrency_mutants` — races of ``kvm-classic`` and
+  ``kvm-parallel``, on the parallel machine.
 """
 
 from candidates.mutants.classic_mutants import MUTANTS as CLASSIC_MUTANTS
+from candidates.mutants.concurrency_mutants import MUTANTS as CONCURRENCY_MUTANTS
 from candidates.mutants.reference_mutants import MUTANTS as REFERENCE_MUTANTS
 
-MUTANTS = {**REFERENCE_MUTANTS, **CLASSIC_MUTANTS}
-assert len(MUTANTS) == len(REFERENCE_MUTANTS) + len(CLASSIC_MUTANTS), "duplicate mutant name"
+MUTANTS = {**REFERENCE_MUTANTS, **CLASSIC_MUTANTS, **CONCURRENCY_MUTANTS}
+assert len(MUTANTS) == len(REFERENCE_MUTANTS) + len(CLASSIC_MUTANTS) + \
+    len(CONCURRENCY_MUTANTS), "duplicate mutant name"
 
-__all__ = ["MUTANTS", "CLASSIC_MUTANTS", "REFERENCE_MUTANTS"]
+__all__ = ["MUTANTS", "CLASSIC_MUTANTS", "CONCURRENCY_MUTANTS", "REFERENCE_MUTANTS"]

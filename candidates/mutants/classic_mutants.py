@@ -19,20 +19,19 @@ under the derandomized ``ci`` profile (60 programs), and that unmutated
 ``kvm-classic`` passes the shrunk program. :data:`OUT_OF_BUDGET` holds real
 bugs the suite sees only when driven through their counterexample (see there).
 
-Not here, because the sequential suite cannot see them at all:
+Not here (see :mod:`candidates.mutants.concurrency_mutants`, where both now
+are, for the parallel machine):
 
 * a map path that *downgrades* the permissions of an identical mapping (the
   2021 "filter out permission-only changes" in ``try_leaf``): ``map`` reaches
   a valid leaf with the same output only through a *stale* translation fault,
-  i.e. a vCPU that faulted while the entry was invalid and installs after
-  another vCPU mapped it with more permissions. Sequential faults are taken and
-  handled atomically, so that never happens; it needs the parallel machine
-  (vCPU A: translation fault, GUP; vCPU B: write fault installs RW; vCPU A:
-  map R-only over it; vCPU B: permission fault again, forward progress).
+  which needs the parallel machine; even there its only symptom is one more
+  permission fault for the writer, which no property fails
+  (``NOT_OBSERVABLE`` there).
 * clean+invalidate *before* instead of after the unmap TLBI (§9.6 C3): the
-  difference needs a guest access between the CMO and the TLBI (parallel
-  machine). A *missing* post-unmap clean is visible sequentially, and is
-  :class:`UnmapWithoutClean`.
+  ``cache-maintenance`` monitor now sees it at the clean (a vCPU's TLB still
+  holds a writable entry for the page), on either machine. A *missing*
+  post-unmap clean is :class:`UnmapWithoutClean`.
 """
 
 from __future__ import annotations

@@ -226,14 +226,6 @@ SCRIPTS.update({
         _race("parallel", (OpSpec("read", 0), OpSpec("read", 1, neighbour=True)),
               Preemption(0, 1, "read_pte", 1), where=5),
     ]),
-    # The fault's GUP returns the old page; it is preempted before it takes
-    # mmu_lock, the migration's notifier runs start, host PTE change, end;
-    # the fault installs the old page (memslot-fidelity).
-    "mutant-fault-skips-invalidate-retry": (_config(), _layout(thp=False), [
-        ("guest_write", dict(vcpu=0, where=0, pages=1)),
-        _race("host_race", (OpSpec("write", 0), OpSpec("invalidate", host_op="migrate")),
-              Preemption(0, 1, "read_lock", 1), refault=True),
-    ]),
     # Logging slot: the write fault marks the page after its GUP, then is
     # preempted before mmu_lock; the harvest takes (clears) the mark and
     # protects nothing; the fault installs a writable, unmarked leaf.

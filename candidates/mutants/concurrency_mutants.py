@@ -355,6 +355,7 @@ class FastWrprotectWithoutTlbi(_ParallelRaceMutant):
 MUTANTS = {
     "mutant-unmap-clean-before-tlbi": UnmapCleanBeforeTlbi,
     "mutant-fast-wrprotect-no-tlbi": FastWrprotectWithoutTlbi,
+    "mutant-fault-skips-invalidate-retry": FaultSkipsInvalidateRetry,
 }
 
 #: Real races the generated programs do not reach within the ``ci`` budget
@@ -391,19 +392,6 @@ MUTANTS = {
 #:   sees the memslot array from before the flags change. Would reach it: a
 #:   parallel-step operation that changes a memslot's logging flag with SRCU
 #:   semantics (faults in flight keep the old memslots until it returns);
-#: * fault-skips-invalidate-retry needs ``host_race`` with a notifier
-#:   invalidation on a page the fault has to GUP, and a preemption between
-#:   the fault's GUP and its install that lets the notifier run (the fault at
-#:   ``read_lock``) or inside the notifier between ``invalidate_range_start``
-#:   and the host PTE change (``host pte change``). A parallel step's
-#:   invalidation is dropped on a THP-backed page (``_plan_invalidate``), and
-#:   7 layouts in 8 are THP-backed. The ``ci`` stream does not catch it in
-#:   300 programs; ``dev`` seeds 0-4 (300 programs each) first at programs
-#:   159, 177, never, 287, never. Would reach it: a 2 MiB
-#:   invalidation of a THP in ``host_race`` (as ``host_mm`` does with
-#:   ``huge=True``), and, when the host operation is an invalidation, a
-#:   refault of the guest page and a preemption of the fault at ``read_lock``
-#:   or of the notifier at ``host pte change``;
 #: * dirty-mark-before-install needs ``host_race`` with a harvest of a
 #:   logging slot and a write fault that GUPs, preempted exactly between its
 #:   GUP (where this mutant marks) and ``read_lock``, with the harvest as the
@@ -432,7 +420,6 @@ MUTANTS = {
 OUT_OF_BUDGET = {
     "mutant-collapse-frees-at-once": CollapseFreesAtOnce,
     "mutant-collapse-teardown-inline": CollapseTeardownInline,
-    "mutant-fault-skips-invalidate-retry": FaultSkipsInvalidateRetry,
     "mutant-dirty-mark-before-install": DirtyMarkBeforeInstall,
     "mutant-resched-unmap-stale-root": ReschedUnmapStaleRoot,
 }

@@ -112,20 +112,26 @@ FAULT_RACE_SCHEDULES = _race_schedules(("pte store", "pte store", "read_pte", "r
                                         "gup", "rcu_read_unlock", None))
 
 
-def _with(guests, other, at):
-    return tuple(guests[:at]) + (other,) + tuple(guests[at:])
-
-
 #: A fault racing a notifier invalidation (the ``mmu_invalidate_retry`` race:
 #: the fault's GUP saw the old page), an aging call, a harvest or, rarely
-#: (it ends the program), the process exiting.
-HOST_RACE_OPS = st.builds(_with, st.lists(GUEST_OP, min_size=1, max_size=2),
-                          st.one_of(*[INVALIDATE_OP] * 4, AGE_OP, AGE_OP, HARVEST_OP,
-                                    HARVEST_OP, RELEASE_OP),
-                          st.integers(0, 2))
-HOST_RACE_SCHEDULES = _race_schedules(("gup", "read_lock", "write_lock", "pte store",
-                                       "host pte change", "mark_page_dirty",
-                                       "take_dirty_bitmap", None))
+#: (it ends the program), the process exiting. The fault is task 0 and the
+#: host operation task 1; a preemption mostly stops the fault at one of the
+#: points where the host operation matters and lets it run, or stops the
+#: host operation half-way (between ``invalidate_range_start`` and the
+#: change, after the bitmap snapshot) and lets the fault run.
+HOST_OP = st.one_of(*[INVALIDATE_OP] * 4, AGE_OP, AGE_OP, HARVEST_OP, HARVEST_OP, RELEASE_OP)
+HOST_RACE_OPS = st.tuples(GUEST_OP, HOST_OP).map(  # both on the same page
+    lambda ops: (ops[0], attrs.evolve(ops[1], neighbour=ops[0].neighbour)))
+HOST_RACE_SCHEDULES = st.lists(
+    st.builds(lambda who, after, kind: Preemption(who[0], after, kind, who[1]),
+              st.sampled_from(((0, 1), (0, 1), (0, 1), (1, 0))),
+              st.sampled_from((1, 1, 1, 2, 3)),
+              # The lock a fault takes after GUP comes first: between the two
+              # is the window mmu_invalidate_retry exists for.
+              st.sampled_from(("read_lock", "read_lock", "write_lock", "write_lock", "gup",
+                               "pte store", "mark_page_dirty", "rcu_read_unlock",
+                               "host pte change", "take_dirty_bitmap", None))),
+    min_size=1, max_size=2).map(lambda ps: Schedule(tuple(ps)))
 
 #: The rules whose steps run concurrently (same arguments, same checks).
 PARALLEL_RULES = ("parallel", "fault_race", "host_race")
@@ -178,19 +184,22 @@ class ParallelMachine(Stage2Machine):
     # own they also make parallel steps a third of the program.
     @precondition(lambda self: self.live)
     @rule(where=INDEX, ops=FAULT_RACE_OPS, schedule=FAULT_RACE_SCHEDULES,
-          refault=st.just(True))
+          refault=st.sampled_from((True, True, False)))
     @checked
     def fault_race(self, where, ops, schedule, refault=True):
         """Guest accesses by 2-3 vCPUs racing on the page at ``where`` (or
-        the next), after the host migrated it."""
+        the next), mostly after the host migrated it (so they fault
+        together); otherwise on whatever is mapped (permission and
+        access-flag faults, a collapse after dirty logging stopped)."""
         self._parallel_step(where, ops, schedule, refault)
 
     @precondition(lambda self: self.live)
     @rule(where=INDEX, ops=HOST_RACE_OPS, schedule=HOST_RACE_SCHEDULES, refault=st.booleans())
     @checked
     def host_race(self, where, ops, schedule, refault=False):
-        """Guest accesses racing a notifier invalidation, an aging call or a
-        dirty-log harvest on the page at ``where`` (or the next)."""
+        """A guest access racing a notifier invalidation, an aging call, a
+        dirty-log harvest or the VMM's exit on the page at ``where`` (or the
+        next)."""
         self._parallel_step(where, ops, schedule, refault)
 
     def _parallel_step(self, where, ops, schedule, refault):
@@ -328,20 +337,26 @@ class ParallelMachine(Stage2Machine):
         hva = slot.gfn_to_hva(gfn)
         host, op = self.platform.host, spec.host_op
         pte = host.pte(hva)
-        if host.vma_at(hva) is None or (op == "migrate" and (pte is None or pte.huge)):
+        if host.vma_at(hva) is None or (op == "migrate" and pte is None):
             return None
-        if pte is not None and pte.huge:
-            return None  # a THP split first: sequential host_mm covers it
+        start, end = hva, hva + PAGE
+        if op == "migrate" and pte.huge:  # a THP migrates whole
+            start = hva & ~(THP_SIZE - 1)
+            end = start + THP_SIZE
+            if host.vma_at(end - PAGE) is None:
+                return None
+        # Otherwise a THP the page belongs to is split first, inside the same
+        # task (split_huge_pmd raises its own notifier over the whole PMD).
         p = self.platform
 
         def run():
-            p.host_op(op, hva, hva + PAGE)
+            p.host_op(op, start, end)
 
         def apply(oracle, _observed):
-            oracle.host_op(op, hva, hva + PAGE)
+            oracle.host_op(op, start, end)
             return True
 
-        return _Planned(f"notifier {op} hva {hva:#x}", run, apply)
+        return _Planned(f"notifier {op} hva {start:#x}-{end:#x}", run, apply)
 
     def _plan_age(self, spec, gfn) -> _Planned | None:
         slot = self.platform.slot_for_gfn(gfn)

@@ -40,6 +40,7 @@ from model import descriptors as d
 from model.geometry import granule
 from model.memory import PageUse
 
+PAGE_4K = 1 << 12
 _SIZE = {1: "1 GiB block", 2: "2 MiB block", 3: "4 KiB page"}
 
 #: Bits a live leaf may change without break-before-make (rules §1.5 rule 2).
@@ -265,12 +266,18 @@ class Monitors:
                     continue
                 for vcpu, tlb in enumerate(self.p.tlbs):
                     for e in tlb.lookup(ipa):
-                        if e.write and e.oa == oa:
+                        # the unmapped leaf itself, still cached, and not mapped again
+                        if e.write and (e.ipa, e.level, e.oa) == (ipa, level, oa) \
+                                and not self._still_mapped(ipa, level, oa):
                             self.fail("cache-maintenance", f"clean+invalidate of PA "
                                       f"{max(lo, oa):#x} after unmapping IPA {ipa:#x} but "
                                       f"before the TLBI: vCPU{vcpu} can still write through "
                                       f"{e.describe()} and dirty the line again (TLBI "
                                       "first, then clean; rules §6.2, §9.6 C3)")
+
+    def _still_mapped(self, ipa: int, level: int, oa: int) -> bool:
+        return any(step.ipa == ipa and step.level == level and leaf.oa == oa
+                   for step, leaf in self.p.leaves(ipa, ipa + PAGE_4K))
 
     def _check_grace_period(self, pfn: int) -> None:
         """A table unlinked while another task was inside an RCU read-side

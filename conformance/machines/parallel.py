@@ -181,7 +181,8 @@ class ParallelMachine(Stage2Machine):
     # The two race rules are parallel steps drawn where races are: faults
     # on one page the host has just migrated, and a fault against a host
     # operation, each with at least one early preemption. As rules of their
-    # own they also make parallel steps a third of the program.
+    # own they also make parallel steps more frequent (332 of 2,301 ci steps
+    # of kvm-classic, against 148 with the one rule).
     @precondition(lambda self: self.live)
     @rule(where=INDEX, ops=FAULT_RACE_OPS, schedule=FAULT_RACE_SCHEDULES,
           refault=st.sampled_from((True, True, False)))

@@ -7,8 +7,8 @@ The candidate takes them through services (``write_lock``, ``read_lock``,
 parallel step a contended acquire cannot wait and is reported as a
 deadlock; in a parallel step it parks the task. ``call_rcu`` callbacks run
 after their grace period: inline at the end of the outermost candidate call
-when sequential, as background tasks (as late as the scheduler may) in a
-parallel step.
+when sequential, as tasks that run at the first scheduling point after it in
+a parallel step (as early as RCU allows).
 """
 
 from __future__ import annotations

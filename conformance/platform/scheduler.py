@@ -10,8 +10,9 @@ Every switch goes through the *hub*, the greenlet that called ``run()``, so
 the policy lives in one place: a task runs until it finishes, blocks, spins or
 a :class:`Preemption` fires; then ``to`` runs if it can, else the next runnable
 foreground task after the current one in id order (the current one last),
-else a background task (``call_rcu`` callbacks: grace periods as late as
-possible). Each trace event is one *decision*; ``livelock_bound`` handovers
+else a background task. A ``call_rcu`` callback runs at the first
+scheduling point after its grace period ends (as early as RCU allows: the
+adversarial choice for a free). Each trace event is one *decision*; ``livelock_bound`` handovers
 (switches and blocks) without progress (a task finishing or taking a lock),
 or more than ``max_decisions`` decisions, is a :class:`Livelock`; no
 runnable task while some are blocked is a :class:`Deadlock`. On any failure
@@ -46,8 +47,8 @@ _NEW, _RUNNABLE, _BLOCKED, _DONE = "new", "runnable", "blocked", "done"
 #: Events that hand the CPU to another task (what a livelock is made of).
 _HANDOVERS = frozenset({"switch", "block"})
 # Requests a task sends to the hub when it gives up control.
-_FINISHED, _RELAX, _BLOCK, _ABORT, _PREEMPT = (
-    "finished", "cpu_relax", "blocked", "abort", "preempt")
+_FINISHED, _RELAX, _BLOCK, _ABORT, _PREEMPT, _GRACE = (
+    "finished", "cpu_relax", "blocked", "abort", "preempt", "grace")
 
 
 @attrs.define(eq=False)
@@ -58,6 +59,9 @@ class _Task:
     name: str
     fn: Callable[[], Any]
     background: bool
+    #: Run at the first scheduling point after the spawn (an RCU callback
+    #: whose grace period has just ended).
+    eager: bool = False
     state: str = _NEW
     glet: greenlet.greenlet | None = None  # created when the task first runs
     ready: Callable[[], bool] | None = None
@@ -89,10 +93,13 @@ class Scheduler:
         self._switches = self._blocked_waits = self._fired = 0
 
     # ------------------------------------------------------------ tasks
-    def spawn(self, fn: Callable[[], Any], *, name: str, background: bool = False) -> int:
+    def spawn(self, fn: Callable[[], Any], *, name: str, background: bool = False,
+              eager: bool = False) -> int:
         """A new task (ids 0, 1, 2 ... in spawn order), before :meth:`run` or
-        from a running task. Spawned while unwinding, it never runs."""
-        task = _Task(len(self._tasks), name, fn, background)
+        from a running task. Spawned while unwinding, it never runs. An
+        ``eager`` task runs at the next scheduling point of whichever task is
+        running (unless a preemption fires there)."""
+        task = _Task(len(self._tasks), name, fn, background, eager)
         self._tasks.append(task)
         return task.id
 
@@ -170,15 +177,27 @@ class Scheduler:
             return None
         self._check_bounds_in_task()
         pending = self._pending.get(task.id)
-        if not pending:
-            return None
-        n = task.kinds[kind] = task.kinds.get(kind, 0) + 1
-        fired = [(i, p) for i, p in pending
-                 if (task.points if p.kind is None else n if p.kind == kind else 0) == p.after]
-        for entry in fired:
-            pending.remove(entry)
-        self._fired += len(fired)
-        return (_PREEMPT, fired[0][1].to, fired[0][0]) if fired else None
+        if pending:
+            n = task.kinds[kind] = task.kinds.get(kind, 0) + 1
+            fired = [(i, p) for i, p in pending
+                     if (task.points if p.kind is None else n if p.kind == kind else 0)
+                     == p.after]
+            for entry in fired:
+                pending.remove(entry)
+            self._fired += len(fired)
+            if fired:
+                return (_PREEMPT, fired[0][1].to, fired[0][0])
+        return self._grace_period_over()
+
+    def _grace_period_over(self):
+        """A ``call_rcu`` callback spawned since the last decision (its grace
+        period has just ended) runs now: as early as RCU allows, the
+        adversarial choice for a free (a walker outside any read-side section
+        meets the freed page at once)."""
+        for t in self._tasks:
+            if t.eager and t.state is _NEW:
+                return (_GRACE, t.id)
+        return None
 
     # ------------------------------------------------------------- the hub
     def run(self) -> tuple[Event, ...]:
@@ -242,6 +261,8 @@ class Scheduler:
             self._since_progress = 0
         elif what == _PREEMPT:
             why, prefer = f"preemption #{request[2]}", request[1]
+        elif what == _GRACE:
+            why, prefer = "grace period over", request[1]
         nxt = self._choose(task.id, prefer)
         if nxt is not None and nxt != task.id:
             self._record(task.id, "switch", f"to task {nxt} ({why})")

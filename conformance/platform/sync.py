@@ -332,7 +332,7 @@ class Rcu:
         for cb in ready:
             self._queue.remove(cb)
             self.scheduler.spawn(cb.fn, name=f"call_rcu callback #{cb.seq}",
-                                 background=True)
+                                 background=True, eager=True)
         return len(ready)
 
     def _elapsed(self, cb: _Callback) -> bool:

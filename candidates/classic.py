@@ -219,18 +219,20 @@ class ClassicCandidate(KvmBase):
     # ========================================= memslots and dirty logging (§4)
     def commit_memory_region(self, old: Memslot | None, new: Memslot | None,
                              change: MemslotChange) -> None:
-        svc = self.services
         if change in (MemslotChange.DELETE, MemslotChange.MOVE):
-            # kvm_arch_flush_shadow_memslot
-            with svc.mmu_write_lock():
-                if self.pgt is not None:
-                    self.pgt.unmap(old.base_gfn << 12, old.npages << 12)
+            self.flush_shadow_memslot(old)
         if change is MemslotChange.DELETE or new is None:
             return
         if new.is_logging and not (old is not None and old.is_logging):
             self.enable_logging(new)
         elif old is not None and old.is_logging and not new.is_logging:
             self.disable_logging(new)
+
+    def flush_shadow_memslot(self, old: Memslot) -> None:
+        """``kvm_arch_flush_shadow_memslot``: unmap the old slot's range."""
+        with self.services.mmu_write_lock():
+            if self.pgt is not None:
+                self.pgt.unmap(old.base_gfn << 12, old.npages << 12)
 
     def enable_logging(self, slot: Memslot) -> None:
         """§4.2: write-protect, flush the slot's range, then (optionally) split."""

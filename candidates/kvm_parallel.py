@@ -97,9 +97,9 @@ from __future__ import annotations
 from candidates.classic import ClassicCandidate
 from candidates.pgtable import (
     E2BIG, EAGAIN, EINVAL, HANDLE_FAULT, LAST_LEVEL, LEAF, SHARED, SKIP_CMO,
-    TABLE_POST, TABLE_PRE, Ctx, Stage2PgTable)
+    TABLE_PRE, Ctx, Stage2PgTable)
 from conformance.protocol import (
-    PAGE_SIZE, Exit, FaultKind, GuestAbort, Memslot, MemslotChange)
+    PAGE_SIZE, Exit, FaultKind, GuestAbort, Memslot)
 from model import descriptors as d
 from model.geometry import MIN_BLOCK_LEVEL, granule
 
@@ -187,21 +187,11 @@ class ParallelStage2PgTable(Stage2PgTable):
 
         return cb
 
-    def relax_perms(self, addr: int, prot: d.Prot) -> int:
-        """``relax_perms`` (the slow path's, under the read lock after GUP):
+    def relax_attrs(self, prot: d.Prot) -> tuple[int, int]:
+        """The slow path's ``relax_perms`` (under the read lock after GUP):
         granting W also sets SW0."""
-        set_, clr = 0, 0
-        if d.Prot.R in prot:
-            set_ |= d.S2AP_R
-        if d.Prot.W in prot:
-            set_ |= d.S2AP_W | SW_HOST_WRITABLE
-        if d.Prot.X in prot:
-            clr |= d.XN
-        ret, level, _ = self.update_leaf_attrs(addr, PAGE_SIZE, set_, clr,
-                                               SHARED | HANDLE_FAULT)
-        if ret in (0, EAGAIN):
-            self.svc.tlb_flush_vmid_ipa_nsh(addr, level)
-        return ret
+        set_, clr = super().relax_attrs(prot)
+        return (set_ | SW_HOST_WRITABLE if d.Prot.W in prot else set_), clr
 
     # ------------------------------------------- the lockless update walk
     def update_leaf_lockless(self, addr: int, fixup) -> tuple[int, int | None, bool]:
@@ -269,45 +259,10 @@ class ParallelStage2PgTable(Stage2PgTable):
         return young[0]
 
     # ============================================================== unmap
-    def unmap(self, addr: int, size: int) -> int:
-        """kvm-classic's ``kvm_pgtable_stage2_unmap`` (whole leaves, TLBI each
-        or one range TLBI at the end with FWB, clean after the TLBI), except
-        that an empty table it prunes is freed after an RCU grace period:
-        a fast fault may be walking it without ``mmu_lock``."""
-        svc = self.svc
-        defer = self.defer_unmap_tlbi
-
-        def cb(ctx: Ctx, visit: int) -> int:
-            old = ctx.old
-            if not d.is_valid(old):
-                if d.is_counted(old):
-                    svc.write_pte(ctx.ptep, 0)
-                    svc.put_page(ctx.ptep)
-                return 0
-            child = None
-            need_flush = False
-            if d.is_table(old, ctx.level):
-                child = d.pte_pa(old)
-                if svc.page_count(child) != 1:
-                    return 0
-            else:
-                need_flush = not self.fwb and d.is_cacheable(old, self.fwb)
-            svc.write_pte(ctx.ptep, 0)
-            if child is not None:
-                svc.tlb_flush_vmid_ipa(ctx.addr, None)  # TTL unknown: walk caches
-            elif not defer:
-                svc.tlb_flush_vmid_ipa(ctx.addr, ctx.level)
-            svc.put_page(ctx.ptep)
-            if need_flush:
-                svc.dcache_clean_inval_poc(d.pte_pa(old), ctx.granule)
-            if child is not None:
-                svc.call_rcu(lambda page=child: svc.put_page(page))
-            return 0
-
-        ret = self.walk(addr, size, cb, LEAF | TABLE_POST)
-        if defer:
-            svc.tlb_flush_vmid_range(addr, size)
-        return ret
+    def free_pruned_table(self, child: int) -> None:
+        """An empty table the unmap prunes is freed after an RCU grace
+        period: a fast fault may be walking it without ``mmu_lock``."""
+        self.svc.call_rcu(lambda: self.svc.put_page(child))
 
 
 def _unmap(pgt: Stage2PgTable, addr: int, size: int) -> int:
@@ -349,19 +304,10 @@ class KvmParallelCandidate(ClassicCandidate):
         (the caller, ``invalidate_range_start``, holds the write lock)."""
         self.stage2_apply_range(start << 12, end << 12, _unmap)
 
-    def commit_memory_region(self, old: Memslot | None, new: Memslot | None,
-                             change: MemslotChange) -> None:
-        """As kvm-classic, with ``kvm_arch_flush_shadow_memslot``'s unmap
-        resumable too."""
-        if change in (MemslotChange.DELETE, MemslotChange.MOVE):
-            with self.services.mmu_write_lock():
-                self.stage2_apply_range(old.base_gfn << 12, old.end_gfn << 12, _unmap)
-        if change is MemslotChange.DELETE or new is None:
-            return
-        if new.is_logging and not (old is not None and old.is_logging):
-            self.enable_logging(new)
-        elif old is not None and old.is_logging and not new.is_logging:
-            self.disable_logging(new)
+    def flush_shadow_memslot(self, old: Memslot) -> None:
+        """``kvm_arch_flush_shadow_memslot``, resumable too."""
+        with self.services.mmu_write_lock():
+            self.stage2_apply_range(old.base_gfn << 12, old.end_gfn << 12, _unmap)
 
     def release(self) -> None:
         """``kvm_free_stage2_pgd``: detach the root under the write lock; destroy

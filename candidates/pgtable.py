@@ -338,29 +338,45 @@ class Stage2PgTable:
                     svc.put_page(ctx.ptep)
                 return 0
             child = None
-            need_flush = False
             if d.is_table(old, ctx.level):
                 child = d.pte_pa(old)
                 if svc.page_count(child) != 1:
                     return 0
+            self.unmap_put_pte(ctx, child, defer)
+            if child is None:
+                self.unmap_clean(ctx)
             else:
-                need_flush = not self.fwb and d.is_cacheable(old, self.fwb)
-            svc.write_pte(ctx.ptep, 0)
-            if child is not None:
-                svc.tlb_flush_vmid_ipa(ctx.addr, None)  # TTL unknown: walk caches
-            elif not defer:
-                svc.tlb_flush_vmid_ipa(ctx.addr, ctx.level)
-            svc.put_page(ctx.ptep)
-            if need_flush:
-                svc.dcache_clean_inval_poc(d.pte_pa(old), ctx.granule)
-            if child is not None:
-                svc.put_page(child)
+                self.free_pruned_table(child)
             return 0
 
         ret = self.walk(addr, size, cb, LEAF | TABLE_POST)
         if defer:
             svc.tlb_flush_vmid_range(addr, size)
         return ret
+
+    def unmap_put_pte(self, ctx: Ctx, child: int | None, defer: bool) -> None:
+        """``stage2_unmap_put_pte``: clear the entry, TLBI it (a pruned table
+        entry at once with TTL unknown, for the walk caches; a leaf with its
+        level unless the TLBI is deferred to one range after the walk), drop
+        the parent's reference."""
+        svc = self.svc
+        svc.write_pte(ctx.ptep, 0)
+        if child is not None:
+            svc.tlb_flush_vmid_ipa(ctx.addr, None)
+        elif not defer:
+            svc.tlb_flush_vmid_ipa(ctx.addr, ctx.level)
+        svc.put_page(ctx.ptep)
+
+    def unmap_clean(self, ctx: Ctx) -> None:
+        """After the TLBI, clean+invalidate an unmapped cacheable leaf to PoC
+        (not with FWB; rules §6.2, C3)."""
+        if not self.fwb and d.is_cacheable(ctx.old, self.fwb):
+            self.svc.dcache_clean_inval_poc(d.pte_pa(ctx.old), ctx.granule)
+
+    def free_pruned_table(self, child: int) -> None:
+        """Free an empty table the unmap pruned: at once, under the write
+        lock (no walker can be inside)."""
+        self.svc.put_page(child)
 
     # ===================================================== attribute walks
     def update_leaf_attrs(self, addr: int, size: int, set_: int, clr: int,
@@ -393,6 +409,15 @@ class Stage2PgTable:
     def relax_perms(self, addr: int, prot: d.Prot) -> int:
         """``kvm_pgtable_stage2_relax_perms``: add (never remove) R/W/X, then a
         local TLBI on this CPU, also when nothing changed or we lost a race."""
+        set_, clr = self.relax_attrs(prot)
+        ret, level, _ = self.update_leaf_attrs(addr, PAGE_SIZE, set_, clr,
+                                               SHARED | HANDLE_FAULT)
+        if ret in (0, EAGAIN):
+            self.svc.tlb_flush_vmid_ipa_nsh(addr, level)
+        return ret
+
+    def relax_attrs(self, prot: d.Prot) -> tuple[int, int]:
+        """The descriptor bits ``relax_perms`` sets and clears for ``prot``."""
         set_, clr = 0, 0
         if d.Prot.R in prot:
             set_ |= d.S2AP_R
@@ -400,11 +425,7 @@ class Stage2PgTable:
             set_ |= d.S2AP_W
         if d.Prot.X in prot:
             clr |= d.XN
-        ret, level, _ = self.update_leaf_attrs(addr, PAGE_SIZE, set_, clr,
-                                               SHARED | HANDLE_FAULT)
-        if ret in (0, EAGAIN):
-            self.svc.tlb_flush_vmid_ipa_nsh(addr, level)
-        return ret
+        return set_, clr
 
     def mkyoung(self, addr: int) -> int:
         """``kvm_pgtable_stage2_mkyoung``: set AF; no TLBI (AF=0 is never cached)."""

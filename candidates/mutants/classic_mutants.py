@@ -298,13 +298,7 @@ class RelaxWithoutLocalTlbi(_ClassicMutant):
 
 class _RelaxTlbiIfChangedPgTable(Stage2PgTable):
     def relax_perms(self, addr, prot):
-        set_, clr = 0, 0
-        if d.Prot.R in prot:
-            set_ |= d.S2AP_R
-        if d.Prot.W in prot:
-            set_ |= d.S2AP_W
-        if d.Prot.X in prot:
-            clr |= d.XN
+        set_, clr = self.relax_attrs(prot)
         ret, level, old = self.update_leaf_attrs(addr, PAGE_SIZE, set_, clr,
                                                  SHARED | HANDLE_FAULT)
         # BUG: only the walker that changed the PTE invalidates its TLB.

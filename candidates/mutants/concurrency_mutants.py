@@ -145,13 +145,7 @@ class FaultSkipsInvalidateRetry(_ClassicRaceMutant):
 # ==================================== 4. relax_perms: no TLBI on -EAGAIN
 class _RelaxNoTlbiOnEagainPgTable(Stage2PgTable):
     def relax_perms(self, addr, prot):
-        set_, clr = 0, 0
-        if d.Prot.R in prot:
-            set_ |= d.S2AP_R
-        if d.Prot.W in prot:
-            set_ |= d.S2AP_W
-        if d.Prot.X in prot:
-            clr |= d.XN
+        set_, clr = self.relax_attrs(prot)
         ret, level, _ = self.update_leaf_attrs(addr, PAGE_SIZE, set_, clr,
                                                SHARED | HANDLE_FAULT)
         if ret == 0:  # BUG: `if (!ret)`, as before Sep 2023 (not on -EAGAIN)
@@ -244,39 +238,19 @@ class MapDowngradesPermissions(_ClassicRaceMutant):
 
 # ================================ 7. clean+invalidate before the TLBI
 class _UnmapCleanBeforeTlbiPgTable(Stage2PgTable):
-    def unmap(self, addr, size):
+    def unmap_put_pte(self, ctx, child, defer):
         svc = self.svc
-        defer = self.defer_unmap_tlbi
-
-        def cb(ctx: Ctx, visit: int) -> int:
-            old = ctx.old
-            if not d.is_valid(old):
-                if d.is_counted(old):
-                    svc.write_pte(ctx.ptep, 0)
-                    svc.put_page(ctx.ptep)
-                return 0
-            child = None
-            if d.is_table(old, ctx.level):
-                child = d.pte_pa(old)
-                if svc.page_count(child) != 1:
-                    return 0
-            svc.write_pte(ctx.ptep, 0)
-            if child is None and not self.fwb and d.is_cacheable(old, self.fwb):
-                # BUG: the clean comes before the TLBI, not after it.
-                svc.dcache_clean_inval_poc(d.pte_pa(old), ctx.granule)
-            if child is not None:
-                svc.tlb_flush_vmid_ipa(ctx.addr, None)
-            elif not defer:
+        svc.write_pte(ctx.ptep, 0)
+        if child is None:
+            super().unmap_clean(ctx)  # BUG: the clean comes before the TLBI, not after it
+            if not defer:
                 svc.tlb_flush_vmid_ipa(ctx.addr, ctx.level)
-            svc.put_page(ctx.ptep)
-            if child is not None:
-                svc.put_page(child)
-            return 0
+        else:
+            svc.tlb_flush_vmid_ipa(ctx.addr, None)
+        svc.put_page(ctx.ptep)
 
-        ret = self.walk(addr, size, cb, LEAF | TABLE_POST)
-        if defer:
-            svc.tlb_flush_vmid_range(addr, size)
-        return ret
+    def unmap_clean(self, ctx):
+        pass  # done above, too early
 
 
 class UnmapCleanBeforeTlbi(_ClassicRaceMutant):

@@ -110,12 +110,24 @@ def _architectural(config: VmConfig) -> VmConfig:
     return attrs.evolve(config, idc=True) if config.fwb else config
 
 
+#: Where slot 0 starts: at 1 GiB, or (``cross_1g``) 2 MiB below it.
+BASE_GFN, BELOW_1G_GFN = 0x40000, 0x3fe00
+
+
 @st.composite
-def layouts(draw) -> Layout:
+def layouts(draw, cross_1g: bool = False) -> Layout:
     """Slot 0: RAM with one or two 2 MiB windows, hva congruent to the IPA
     modulo 2 MiB or off by a page; optional slot 1: a small (maybe read-only)
-    slot elsewhere in the IPA space, backed by a separate VMA."""
+    slot elsewhere in the IPA space, backed by a separate VMA.
+
+    With ``cross_1g`` (the parallel machine), slot 0 of 640 or 1024 pages
+    may start 2 MiB below 1 GiB, so that it crosses a 1 GiB IPA boundary:
+    the boundary between two level-1 entries, and between two chunks of a
+    resumable unmap (``stage2_range_addr_end``)."""
     npages = draw(st.sampled_from([1024, 512, 640]))
+    base_gfn = BASE_GFN
+    if cross_1g and npages > 512 and draw(st.sampled_from((False, True, False))):
+        base_gfn = BELOW_1G_GFN
     # Blocks need THP backing and gfn/hva congruence: make that the common case
     # (6 in 8), so that splits and collapses happen in many programs.
     misaligned, thp = draw(st.sampled_from(
@@ -125,7 +137,7 @@ def layouts(draw) -> Layout:
     # Starting with dirty logging on puts 4K pages in a THP window at once, so
     # disabling it and faulting again collapses them (rules §4.6).
     logging = draw(st.sampled_from([True, False, True]))
-    slots = [Memslot(0, 0x40000, npages, hva0, log_dirty_pages=logging)]
+    slots = [Memslot(0, base_gfn, npages, hva0, log_dirty_pages=logging)]
     vmas = [vma0]
     if draw(st.sampled_from([False, False, True])):
         readonly = draw(st.booleans())

@@ -14,7 +14,9 @@ lets the oracle accept every observation (:mod:`.linearizability`). The
 states that survive are kept (:class:`~.oracle_set.OracleSet`) and later
 steps prune them.
 
-Memslot changes and cache toggles stay sequential: SRCU is not modelled.
+Memslot flag changes run in parallel steps too (``memslot_race``): the
+platform models SRCU for them (``Platform.set_memslot_srcu``); deletes, moves
+and cache toggles stay sequential.
 """
 
 from __future__ import annotations
@@ -36,6 +38,7 @@ from conformance.platform.calls import CALL_TIMEOUT
 from conformance.platform.scheduler import (
     Deadlock, Livelock, Preemption, Schedule, Scheduler)
 from conformance.platform.tasks import TaskContext
+from conformance.protocol import MemslotChange
 from model.host import PAGE, THP_SIZE
 
 #: Host operations a parallel step may run as a notifier invalidation.
@@ -65,7 +68,11 @@ class OpSpec:
     one of :data:`NOTIFIER_OPS`); an ``age`` (the aging call ``host_op``, one
     of :data:`AGING_OPS`, on the page); or a ``harvest`` (``KVM_GET_DIRTY_LOG``
     of the page's memslot, when it logs; one per step, since KVM serialises
-    them with ``slots_lock``); or a ``release``: the VMM process exits
+    them with ``slots_lock``); or a ``memslot`` change that turns the page's
+    memslot's dirty logging on or off (``KVM_SET_USER_MEMORY_REGION``, with
+    SRCU: faults that looked the memslots up before it keep the old flags
+    until it has waited for them; one per step, under ``slots_lock`` too);
+    or a ``release``: the VMM process exits
     (``exit_mmap`` raises the MMU notifier ``release``) while the other
     operations run; the program ends with the step."""
 
@@ -73,6 +80,10 @@ class OpSpec:
     vcpu: int = 0
     neighbour: bool = False
     host_op: str = "migrate"
+    #: An ``invalidate`` over 4 MiB around the page (an munmap or madvise of
+    #: a range) instead of one page: across a 1 GiB IPA boundary where a
+    #: memslot crosses one, i.e. across two chunks of a resumable unmap.
+    wide: bool = False
 
 
 NEIGHBOUR = st.sampled_from((False, False, False, True))
@@ -133,8 +144,69 @@ HOST_RACE_SCHEDULES = st.lists(
                                "host pte change", "take_dirty_bitmap", None))),
     min_size=1, max_size=2).map(lambda ps: Schedule(tuple(ps)))
 
+#: Guest writes racing ``KVM_GET_DIRTY_LOG`` on a logging memslot (rules
+#: §4.3, §9.4 D2): the harvest runs between a write fault's GUP and its
+#: install, or between the install and the dirty mark, or the fault runs
+#: between the bitmap snapshot and the re-protection. The first write is
+#: task 0, the harvest task 1, an optional second access task 2.
+WRITE_OP = st.builds(OpSpec, kind=st.just("write"), vcpu=st.integers(0, 3), neighbour=NEIGHBOUR)
+DIRTY_RACE_OPS = st.tuples(WRITE_OP, HARVEST_OP, st.lists(GUEST_OP, max_size=1)).map(
+    lambda t: (t[0], t[1]) + tuple(t[2]))
+DIRTY_RACE_SCHEDULES = st.lists(
+    st.builds(lambda who, after, kind: Preemption(who[0], after, kind, who[1]),
+              st.sampled_from(((0, 1), (0, 1), (0, 1), (1, 0), (2, 1))),
+              st.sampled_from((1, 1, 1, 2)),
+              st.sampled_from(("read_lock", "read_lock", "gup", "pte store",
+                               "mark_page_dirty", "take_dirty_bitmap", "write_lock",
+                               "rcu_read_unlock"))),
+    min_size=1, max_size=2).map(lambda ps: Schedule(tuple(ps)))
+
+#: Faults racing a collapse (rules §4.6, §7.3, §7.4; seed 001): 2-3 accesses
+#: to unmapped pages of a 2 MiB window that still holds 4 KiB tables after
+#: dirty logging stopped, so the first to take the fault replaces the table
+#: by a block while the others are inside their walks (preempted after
+#: reading an entry, before a store).
+COLLAPSE_RACE_SCHEDULES = _race_schedules(("read_pte", "read_pte", "read_pte", "pte store",
+                                           "pte store", "rcu_read_unlock", "put_page",
+                                           "tlb_flush_vmid_ipa"))
+
+#: Faults racing a memslot's dirty-logging flag change (rules §4.2, §4.6;
+#: seed 001): a vCPU that looked up the memslots before the change keeps the
+#: old flags (4 KiB while logging, a block without) while one that looked
+#: them up after acts on the new ones. Task 0 is a fault, task 1 the change,
+#: task 2 (and 3) faults: task 0 stopped inside its walk lets the change
+#: publish and wait for it (``synchronize_srcu``), and task 2 runs next with
+#: the new memslots.
+MEMSLOT_OP = st.just(OpSpec("memslot"))
+MEMSLOT_RACE_OPS = st.tuples(GUEST_OP, MEMSLOT_OP, st.lists(GUEST_OP, min_size=1, max_size=2)).map(
+    lambda t: (t[0], t[1]) + tuple(t[2]))
+MEMSLOT_RACE_SCHEDULES = st.lists(
+    st.builds(lambda who, after, kind: Preemption(who[0], after, kind, who[1]),
+              st.sampled_from(((0, 1), (0, 1), (0, 1), (0, 1), (2, 0), (0, 2), (1, 2))),
+              st.sampled_from((1, 1, 1, 2, 3, 5)),
+              st.sampled_from(("pte store", "pte store", "pte store", "pte store", "read_pte",
+                               "read_pte", "gup", "read_lock", "memslot swap"))),
+    min_size=1, max_size=2).map(lambda ps: Schedule(tuple(ps)))
+
+#: A notifier invalidation of a range (across a 1 GiB IPA boundary where a
+#: memslot crosses one, so a resumable unmap drops ``mmu_lock`` half-way)
+#: racing the VMM's exit or a guest access (rules §5.3, §9.7 L4; seed 002).
+WIDE_INVALIDATE_OP = st.builds(OpSpec, kind=st.just("invalidate"), wide=st.just(True),
+                               host_op=st.sampled_from(("madvise_dontneed", "mprotect_ro")))
+UNMAP_RACE_OPS = st.tuples(WIDE_INVALIDATE_OP, st.one_of(GUEST_OP, GUEST_OP, RELEASE_OP),
+                           st.lists(GUEST_OP, max_size=1)).map(
+    lambda t: (t[0], t[1]) + tuple(t[2]))
+UNMAP_RACE_SCHEDULES = st.lists(
+    st.builds(lambda who, after, kind: Preemption(who[0], after, kind, who[1]),
+              st.sampled_from(((0, 1), (0, 1), (1, 0), (0, 2), (2, 0))),
+              st.sampled_from((1, 1, 2, 3)),
+              st.sampled_from(("pte store", "write_lock", "read_lock", "put_page",
+                               "tlb_flush_vmid_ipa", "read_pte", None))),
+    max_size=2).map(lambda ps: Schedule(tuple(ps)))
+
 #: The rules whose steps run concurrently (same arguments, same checks).
-PARALLEL_RULES = ("parallel", "fault_race", "host_race")
+PARALLEL_RULES = ("parallel", "fault_race", "host_race", "dirty_race", "collapse_race",
+                  "memslot_race", "unmap_race")
 
 
 @attrs.frozen
@@ -153,6 +225,7 @@ class ParallelMachine(Stage2Machine):
     """Subclassed per candidate by :func:`parallel_machine_for`."""
 
     kind = "parallel"
+    layouts_cross_1g = True
 
     def __init__(self):
         super().__init__()
@@ -176,7 +249,7 @@ class ParallelMachine(Stage2Machine):
         """Run ``ops`` concurrently, on the page at ``where`` and the next,
         under ``schedule`` (after migrating the page, with ``refault``); then
         quiescence checks and linearizability."""
-        self._parallel_step(where, ops, schedule, refault)
+        self._parallel_step(self._gfn(where), ops, schedule, refault)
 
     # The two race rules are parallel steps drawn where races are: faults
     # on one page the host has just migrated, and a fault against a host
@@ -192,7 +265,7 @@ class ParallelMachine(Stage2Machine):
         the next), mostly after the host migrated it (so they fault
         together); otherwise on whatever is mapped (permission and
         access-flag faults, a collapse after dirty logging stopped)."""
-        self._parallel_step(where, ops, schedule, refault)
+        self._parallel_step(self._gfn(where), ops, schedule, refault)
 
     @precondition(lambda self: self.live)
     @rule(where=INDEX, ops=HOST_RACE_OPS, schedule=HOST_RACE_SCHEDULES, refault=st.booleans())
@@ -201,12 +274,87 @@ class ParallelMachine(Stage2Machine):
         """A guest access racing a notifier invalidation, an aging call, a
         dirty-log harvest or the VMM's exit on the page at ``where`` (or the
         next)."""
-        self._parallel_step(where, ops, schedule, refault)
+        self._parallel_step(self._gfn(where), ops, schedule, refault)
 
-    def _parallel_step(self, where, ops, schedule, refault):
+    @precondition(lambda self: self.live and any(s.is_logging for s in self.slots.values()))
+    @rule(where=INDEX, ops=DIRTY_RACE_OPS, schedule=DIRTY_RACE_SCHEDULES,
+          refault=st.booleans())
+    @checked
+    def dirty_race(self, where, ops, schedule, refault=False):
+        """Guest writes racing ``KVM_GET_DIRTY_LOG`` on a page at ``where`` of a
+        logging memslot (or the next page), after the host migrated it with
+        ``refault`` (so the write faults and pins a page)."""
+        self._parallel_step(self._gfn_where(where, lambda s: s.is_logging), ops, schedule,
+                            refault)
+
+    @precondition(lambda self: self.live)
+    @rule(where=INDEX, ops=FAULT_RACE_OPS, schedule=COLLAPSE_RACE_SCHEDULES)
+    @checked
+    def collapse_race(self, where, ops, schedule):
+        """Guest accesses by 2-3 vCPUs to an unmapped page (and the next) of a
+        2 MiB window still mapped by 4 KiB tables in a memslot that does not
+        log, so that one fault collapses the table while the others walk it
+        (when no window is so, on the page at ``where``)."""
+        gfn = self._table_window_gfn(where, logging=False)
+        self._parallel_step(self._gfn(where) if gfn is None else gfn, ops, schedule, False)
+
+    @precondition(lambda self: self.live)
+    @rule(where=INDEX, ops=MEMSLOT_RACE_OPS, schedule=MEMSLOT_RACE_SCHEDULES)
+    @checked
+    def memslot_race(self, where, ops, schedule):
+        """Dirty logging of a memslot turned on or off (whichever it is not)
+        while 2-3 vCPUs fault on a page of it and the next: an unmapped page
+        of a window with a 4 KiB table in a logging memslot if there is one
+        (turning logging off lets a fault collapse the table while a fault
+        from before the change maps a page in it), else the page at
+        ``where``."""
+        gfn = self._table_window_gfn(where, logging=True)
+        self._parallel_step(self._gfn(where) if gfn is None else gfn, ops, schedule, False)
+
+    @precondition(lambda self: self.live)
+    @rule(where=INDEX, ops=UNMAP_RACE_OPS, schedule=UNMAP_RACE_SCHEDULES)
+    @checked
+    def unmap_race(self, where, ops, schedule):
+        """A notifier invalidation of 4 MiB around the page at ``where`` (across
+        a 1 GiB boundary when its memslot crosses one) racing the VMM's exit
+        or guest accesses."""
+        self._parallel_step(self._gfn_where(where, lambda s: True), ops, schedule, False)
+
+    def _gfn_where(self, where, wanted) -> int:
+        """The gfn of the pool entry ``where`` among those in a memslot that
+        is ``wanted`` (any entry if none is)."""
+        pool = [i for i, (sid, _) in enumerate(self.gfns)
+                if sid in self.slots and wanted(self.slots[sid])] or list(range(len(self.gfns)))
+        return self._gfn(pool[where % len(pool)])
+
+    def _table_window_gfn(self, where, logging: bool) -> int | None:
+        """An unmapped page (with an unmapped next page) of a 2 MiB window
+        mapped by a table of 4 KiB leaves, in a THP-backed, congruent
+        memslot whose logging is ``logging``: where a fault without logging
+        collapses the table (``None`` if there is none)."""
+        p, pages = self.platform, []
+        for slot in sorted(self.slots.values(), key=lambda s: s.id):
+            if slot.is_logging != logging:
+                continue
+            if (slot.userspace_addr - (slot.base_gfn << 12)) % THP_SIZE:
+                continue
+            first = -(-slot.base_gfn // 512) * 512
+            for window in range(first, slot.end_gfn - 511, 512):
+                vma = p.host.vma_at(slot.gfn_to_hva(window))
+                if vma is None or not vma.thp:
+                    continue
+                leaves = p.leaves(window << 12, (window + 512) << 12)
+                if not any(step.level == 3 for step, _ in leaves):
+                    continue
+                mapped = {step.ipa >> 12 for step, _ in leaves}
+                pages.extend(window + off for off in (1, 0, 5, 256, 510)
+                             if window + off not in mapped and window + off + 1 not in mapped)
+        return pages[where % len(pages)] if pages else None
+
+    def _parallel_step(self, gfn, ops, schedule, refault):
         if refault:
-            self._migrate(where)
-        planned = self._plan(where, ops)
+            self._migrate(gfn)
+        planned = self._plan(gfn, ops)
         if len(planned) < 2:
             self.interleavings.append(())  # one entry per parallel step
             for op in planned:  # a lone operation runs sequentially
@@ -270,10 +418,11 @@ class ParallelMachine(Stage2Machine):
         return linearizability.Op(index=0, label=op.label, call=0, ret=1, observation=got,
                                   apply=op.apply)
 
-    def _migrate(self, where) -> None:
-        """Migrate the page (or THP) at ``where``, sequentially, as the
+    def _migrate(self, gfn) -> None:
+        """Migrate the page (or THP) at ``gfn``, sequentially, as the
         ``host_mm`` rule does: the notifier unmaps it at stage 2."""
-        hva = self._hva(where)
+        slot = self.platform.slot_for_gfn(gfn)
+        hva = None if slot is None else slot.gfn_to_hva(gfn)
         pte = None if hva is None else self.platform.host.pte(hva)
         if pte is None:
             return
@@ -283,11 +432,11 @@ class ParallelMachine(Stage2Machine):
         self.oracle.host_op("migrate", start, start + size)
 
     # ------------------------------------------------------------ planning
-    def _plan(self, where, ops) -> list[_Planned]:
+    def _plan(self, base_gfn, ops) -> list[_Planned]:
         used, out = set(), []
         nr_vcpus = self.platform.config.nr_vcpus
         for spec in ops:
-            gfn = self._gfn(where) + (1 if spec.neighbour else 0)
+            gfn = base_gfn + (1 if spec.neighbour else 0)
             if spec.kind in ("read", "write", "fetch"):
                 # At most one operation per vCPU: the next free one after
                 # the drawn one (so vcpu=0 shrinks to "the first free").
@@ -297,7 +446,7 @@ class ParallelMachine(Stage2Machine):
                 vcpu = min(free, key=lambda v: (v - self._vcpu(spec.vcpu)) % nr_vcpus)
                 used.add(vcpu)
                 planned = self._plan_guest(spec, vcpu, gfn)
-            elif spec.kind in ("harvest", "release") and spec.kind in used:
+            elif spec.kind in ("harvest", "release", "memslot") and spec.kind in used:
                 continue  # KVM_GET_DIRTY_LOG runs under slots_lock; one exit
             else:
                 used.add(spec.kind)
@@ -341,7 +490,11 @@ class ParallelMachine(Stage2Machine):
         if host.vma_at(hva) is None or (op == "migrate" and pte is None):
             return None
         start, end = hva, hva + PAGE
-        if op == "migrate" and pte.huge:  # a THP migrates whole
+        if spec.wide:  # 2 MiB either side of the window: clipped to the VMA
+            vma = host.vma_at(hva)
+            start = max(vma.start, (hva & ~(THP_SIZE - 1)) - THP_SIZE)
+            end = min(vma.end, start + 2 * THP_SIZE)
+        elif op == "migrate" and pte.huge:  # a THP migrates whole
             start = hva & ~(THP_SIZE - 1)
             end = start + THP_SIZE
             if host.vma_at(end - PAGE) is None:
@@ -380,6 +533,25 @@ class ParallelMachine(Stage2Machine):
             return True
 
         return _Planned("exit_mmap (notifier release)", p.exit_mmap, apply)
+
+    def _plan_memslot(self, spec, gfn) -> _Planned | None:
+        old = self.platform.slot_for_gfn(gfn)
+        if old is None:
+            return None
+        new = attrs.evolve(old, log_dirty_pages=not old.log_dirty_pages)
+        self.slots[new.id] = new  # the machine's view once the step is over
+        p = self.platform
+
+        def run():
+            p.set_memslot_srcu(old, new, MemslotChange.FLAGS_ONLY)
+
+        def apply(oracle, _observed):
+            oracle.set_memslot(old, new)
+            return True
+
+        self._event(f"parallel: dirty logging {'on' if new.log_dirty_pages else 'off'}")
+        return _Planned(f"memslot {old.id} dirty logging "
+                        f"{'on' if new.log_dirty_pages else 'off'}", run, apply)
 
     def _plan_harvest(self, spec, gfn) -> _Planned | None:
         slot = self.platform.slot_for_gfn(gfn)

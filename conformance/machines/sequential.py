@@ -38,6 +38,8 @@ class Stage2Machine(Boot, RuleBasedStateMachine):
     #: Which machine this is (``sequential``, ``parallel``): recorded in
     #: replay files so that a replay runs the same machine.
     kind = "sequential"
+    #: May slot 0 cross a 1 GiB IPA boundary (``strategies.layouts.layouts``)?
+    layouts_cross_1g = False
     #: The candidate's validated ``known_findings`` (docs/findings.md).
     known_findings: frozenset[str] = frozenset()
     #: (failure, step labels, machine) of the most recent failing program; after
@@ -387,7 +389,8 @@ def machine_for(name: str, candidate_cls: type, class_name: str | None = None,
     derandomized profile, which is how candidates are compared."""
     safe = class_name or "Stage2Machine_" + "".join(c if c.isalnum() else "_" for c in name)
 
-    @initialize(config=configs(candidate_cls.capabilities, min_vcpus), layout=layouts())
+    @initialize(config=configs(candidate_cls.capabilities, min_vcpus),
+                layout=layouts(cross_1g=base.layouts_cross_1g))
     @checked
     def boot(self, config, layout):
         self._boot(config, layout)

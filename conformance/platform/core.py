@@ -48,6 +48,13 @@ class Platform(CandidateCalls, Locking, Mmu, HostEvents):
         self.sctlr = [0] * config.nr_vcpus
         self.tvm = [False] * config.nr_vcpus
         self.memslots: dict[int, Memslot] = {}
+        #: ``self.memslots`` sorted by base gfn: the array a vCPU's exit
+        #: handler looks up (rebuilt when a change is published).
+        self.memslot_view: tuple[Memslot, ...] = ()
+        #: Slot id -> the version a memslot change of a parallel step replaced,
+        #: until the change has committed (a fault may still use it until
+        #: ``synchronize_srcu`` returns, a TLB entry until the commit).
+        self.srcu_old: dict[int, Memslot] = {}
         self.dirty: dict[int, set[int]] = {}
         self.pgd_pfn: int | None = None
         self.reachable: dict[int, tuple[int, int]] = {}  # table pfn -> (ipa, level)
@@ -171,9 +178,15 @@ class Platform(CandidateCalls, Locking, Mmu, HostEvents):
                    for step, _ in self.leaves(lo, hi))
 
     def slot_for_gfn(self, gfn: int) -> Memslot | None:
+        """The memslot holding ``gfn``, as the monitors judge it. While a
+        memslot change of a parallel step has not committed, a fault (until
+        ``synchronize_srcu``) or a TLB entry (until the commit re-protects)
+        may still use the version it replaced; a slot then counts as logging
+        only if both versions log."""
         for slot in self.memslots.values():
             if slot.contains_gfn(gfn):
-                return slot
+                old = self.srcu_old.get(slot.id)
+                return old if old is not None and not old.is_logging else slot
         return None
 
     def guest_cacheable(self, vcpu: int) -> bool:
@@ -230,6 +243,33 @@ class Platform(CandidateCalls, Locking, Mmu, HostEvents):
     # --------------------------------------------------------------- memslots
     def set_memslot(self, old: Memslot | None, new: Memslot | None,
                     change: MemslotChange) -> None:
+        """``KVM_SET_USER_MEMORY_REGION``, sequentially: publish, then commit."""
+        self._publish_memslot(old, new)
+        self._commit_memslot(old, new, change)
+
+    def set_memslot_srcu(self, old: Memslot, new: Memslot, change: MemslotChange) -> None:
+        """``KVM_SET_USER_MEMORY_REGION`` in a parallel step, as ``kvm_set_memslot``
+        orders it: ``kvm_swap_active_memslots`` publishes the new array, then
+        ``synchronize_srcu`` waits for every exit handler that looked up the
+        old one to return, then ``kvm_arch_commit_memory_region``. Until the
+        wait ends a fault may run with either version (rules §4.6)."""
+        if not self.in_task():
+            return self.set_memslot(old, new, change)
+        self.yield_point("memslot swap", f"slot {old.id}")
+        self._publish_memslot(old, new)
+        self.srcu_old[old.id] = old
+        view = self.memslot_view
+        self.scheduler.wait_until(
+            lambda: all(c.memslots is None or c.memslots is view
+                        for c in self.task_ctx.values()),
+            "synchronize_srcu: an exit handler still uses the old memslots")
+        self.ctx = self.task_ctx[self.scheduler.current]
+        try:  # until the commit has re-protected, a write may still use the old flags
+            self._commit_memslot(old, new, change)
+        finally:
+            del self.srcu_old[old.id]
+
+    def _publish_memslot(self, old: Memslot | None, new: Memslot | None) -> None:
         if old is not None:
             del self.memslots[old.id]
         if new is not None:
@@ -245,6 +285,10 @@ class Platform(CandidateCalls, Locking, Mmu, HostEvents):
             self.unlogged.discard(old.id)
         if new is not None and not new.is_logging and old is not None and old.is_logging:
             self.unlogged.add(new.id)
+        self.memslot_view = tuple(sorted(self.memslots.values(), key=lambda s: s.base_gfn))
+
+    def _commit_memslot(self, old: Memslot | None, new: Memslot | None,
+                        change: MemslotChange) -> None:
         self.call("commit_memory_region", old, new, change)
         self.monitors.after_memslot(old, new, change)
 

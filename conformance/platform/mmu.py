@@ -139,7 +139,12 @@ class Mmu:
             if attempt:
                 self.counters["refaults"] += 1
             attempt += 1
-            exit_ = self.call("handle_guest_abort", vcpu, result, vcpu=vcpu, returns=Exit)
+            # kvm_handle_guest_abort runs inside srcu_read_lock(&kvm->srcu).
+            self.ctx.memslots = self.memslot_view
+            try:
+                exit_ = self.call("handle_guest_abort", vcpu, result, vcpu=vcpu, returns=Exit)
+            finally:
+                self.ctx.memslots = None
             if exit_ is not Exit.RESUME:
                 return Access(exit=exit_)
             # A refault while another task can still run (it may hold the

@@ -43,9 +43,12 @@ class Services:
         return self._p.current_vcpu
 
     def memslots(self) -> tuple[Memslot, ...]:
-        """The current memslots (``kvm_memslots``), sorted by base gfn."""
+        """The memslots (``kvm_memslots``), sorted by base gfn: inside a vCPU's
+        exit handler the array it found when it entered its SRCU read-side
+        section, else the current one."""
         self._enter("memslots")
-        return tuple(sorted(self._p.memslots.values(), key=lambda s: s.base_gfn))
+        p = self._p
+        return p.ctx.memslots if p.ctx.memslots is not None else p.memslot_view
 
     # ------------------------------------------------------- table pages
     def alloc_pgd(self) -> int:

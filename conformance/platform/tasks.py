@@ -39,6 +39,10 @@ class TaskContext:
     #: Descriptor stores made by this task (to tell whether others stored
     #: while it ran).
     stores: int = 0
+    #: The memslot array this task's exit handler looked up under
+    #: ``srcu_read_lock(&kvm->srcu)`` (``None`` outside one): a memslot change
+    #: published meanwhile is not seen until the handler returns.
+    memslots: tuple | None = None
     #: A violation raised inside the candidate, remembered so that a candidate
     #: catching exceptions around service calls cannot hide it.
     swallowed: PropertyViolation | None = None

@@ -3,6 +3,7 @@ points in the platform, the oracle-set bookkeeping, and a race it must see."""
 
 from __future__ import annotations
 
+import attrs
 import pytest
 
 from candidates.classic import ClassicCandidate
@@ -410,3 +411,112 @@ def test_a_fault_that_ignores_release_is_reported_at_its_step():
     failure, _ = _play(ReleaseBlind, _parallel(RELEASE_RACE, FAULT_AFTER_RELEASE))
     assert isinstance(failure, CandidateError), failure
     assert "2: parallel(" in failure.step and "handle_guest_abort" in failure.message
+
+
+# ------------------------------------------------- memslot changes under SRCU
+#: Slot 0 logs; vCPU0 wrote gfn 0x40000, so its 2 MiB window holds a 4 KiB
+#: table (logging forces 4 KiB pages).
+LOGGING_LAYOUT = Layout((Memslot(0, 0x40000, 512, HVA, log_dirty_pages=True),),
+                        (Vma(HVA, HVA + (1024 << 12), True),), "cold", False)
+SRCU_CONFIG = VmConfig(ipa_bits=40, fwb=False, hw_af=False, nr_vcpus=2)
+#: vCPU1 faults on gfn 0x40002 (task 0), logging is turned off (task 1),
+#: vCPU0 faults on gfn 0x40001 (task 2). Task 0 is stopped just before its
+#: first store: it looked the memslots up before the change (4 KiB, logging)
+#: and has read the window's table entry. The change publishes and waits in
+#: synchronize_srcu for task 0; task 2 sees the new memslots and collapses
+#: the window into a block; task 0 then maps its page in the unlinked table.
+STALE_LOGGING_FAULT = ("memslot_race", dict(
+    where=0, ops=(OpSpec("read", 1, neighbour=True), OpSpec("memslot"), OpSpec("read", 0)),
+    schedule=Schedule((Preemption(0, 1, "pte store", 1),))))
+
+
+def _play_srcu(cls, *steps):
+    return play("scripted", cls, [("boot", dict(config=SRCU_CONFIG, layout=LOGGING_LAYOUT)),
+                                  ("guest_write", dict(vcpu=0, where=0, pages=1)), *steps],
+                "parallel")
+
+
+def test_a_memslot_change_waits_for_the_faults_that_saw_the_old_memslots():
+    failure, machine = _play_srcu(ClassicCandidate, STALE_LOGGING_FAULT)
+    assert failure is None, str(failure)
+    trace = machine.interleavings[-1]
+    blocked = next(i for i, e in enumerate(trace) if "block  synchronize_srcu" in e)
+    started = next(i for i, e in enumerate(trace) if "task 2  start" in e)
+    woke = next(i for i, e in enumerate(trace) if "task 1  wake" in e)
+    stale = next(i for i, e in enumerate(trace) if "task 0  pte store  write_pte" in e)
+    # The change waits for task 0 only: task 2 runs meanwhile (and collapses
+    # the window), task 0 maps its page in the unlinked table, and only then
+    # does the change wake.
+    assert blocked < started < stale < woke
+    assert "(unlinked table)" in trace[stale]
+    assert any("task 2  pte store  write_pte IPA 0x40000000 L2: LOCKED -> L2 leaf" in e
+               for e in trace[started:stale])  # the collapse
+    p = machine.platform
+    assert not p.srcu_old and not p.memslots[0].log_dirty_pages
+
+
+def test_an_inline_collapse_teardown_leaks_the_stale_faults_table():
+    """Seed 001's leak (mutant-collapse-teardown-inline): the table page
+    under task 0's entry is never freed."""
+    from candidates.mutants.concurrency_mutants import CollapseTeardownInline
+    failure, _ = _play_srcu(CollapseTeardownInline, STALE_LOGGING_FAULT)
+    assert isinstance(failure, PropertyViolation), failure
+    assert failure.property == "table-lifecycle" and "leaked" in str(failure)
+
+
+def test_a_memslot_change_alone_runs_sequentially():
+    failure, machine = _play_srcu(ClassicCandidate, ("memslot_race", dict(
+        where=0, ops=(OpSpec("memslot"),), schedule=Schedule(()))))
+    assert failure is None, str(failure)
+    assert not machine.platform.memslots[0].log_dirty_pages
+
+
+def test_a_fault_between_publish_and_commit_may_use_the_old_flags():
+    """Logging turned on: a fault that looked the memslots up before the swap
+    maps a writable block without a dirty mark, which is legal until the
+    commit write-protects the slot (the monitors judge by both versions)."""
+    layout = attrs.evolve(LOGGING_LAYOUT, memslots=(
+        attrs.evolve(LOGGING_LAYOUT.memslots[0], log_dirty_pages=False),))
+    failure, machine = play("scripted", ClassicCandidate, [
+        ("boot", dict(config=SRCU_CONFIG, layout=layout)),
+        ("memslot_race", dict(where=0, ops=(OpSpec("write", 0), OpSpec("memslot")),
+                              schedule=Schedule((Preemption(0, 1, "pte store", 1),))))],
+        "parallel")
+    assert failure is None, str(failure)
+    trace = machine.interleavings[-1]
+    assert any("L2 leaf" in e and "task 0  pte store" in e for e in trace)  # a block
+    assert machine.platform.memslots[0].log_dirty_pages
+
+
+# ------------------------------------------------------- 1 GiB boundaries
+def test_parallel_layouts_may_cross_1_gib_and_sequential_ones_do_not():
+    from hypothesis import find
+    from strategies.layouts import BELOW_1G_GFN, layouts
+    crossing = find(layouts(cross_1g=True), lambda lay: lay.memslots[0].base_gfn == BELOW_1G_GFN)
+    slot = crossing.memslots[0]
+    assert slot.base_gfn < 0x40000 < slot.end_gfn
+    assert (slot.userspace_addr - (slot.base_gfn << 12)) % (2 << 20) == 0  # blocks possible
+    with pytest.raises(Exception):
+        find(layouts(), lambda lay: lay.memslots[0].base_gfn != 0x40000)
+
+
+def test_a_wide_invalidation_crosses_1_gib_and_races_release():
+    """Seed 002 (mutant-resched-unmap-stale-root): the resumable unmap drops
+    mmu_lock between its two 1 GiB chunks; release runs then and its RCU
+    grace period ends; kvm-parallel re-reads the root and stops, the mutant
+    walks the freed tables."""
+    from candidates.kvm_parallel import KvmParallelCandidate
+    from candidates.mutants.concurrency_mutants import ReschedUnmapStaleRoot
+    layout = Layout((Memslot(0, 0x3FE00, 1024, HVA),),
+                    (Vma(HVA, HVA + (1024 << 12), False),), "cold", False)
+    steps = [("boot", dict(config=SRCU_CONFIG, layout=layout)),
+             ("guest_write", dict(vcpu=0, where=0, pages=64)),
+             ("unmap_race", dict(where=0, ops=(
+                 OpSpec("invalidate", host_op="madvise_dontneed", wide=True),
+                 OpSpec("release")), schedule=Schedule(())))]
+    failure, machine = play("scripted", KvmParallelCandidate, steps, "parallel")
+    assert failure is None, str(failure)
+    assert any("cpu_relax" in e for e in machine.interleavings[-1])
+    failure, _ = play("scripted", ReschedUnmapStaleRoot, steps, "parallel")
+    assert isinstance(failure, PropertyViolation) and failure.property == "table-lifecycle", \
+        failure

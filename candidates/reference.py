@@ -66,7 +66,10 @@ class ReferenceCandidate(KvmBase):
             elif not self.mmu_invalidate_retry(seq):
                 new = d.make_leaf(page.pfn << 12, 3, prot, self.config.fwb)
                 ptep, old, level = self.pgt.lookup(fault.ipa, alloc_to=3)
-                self.pgt.install(ptep, old, new, fault.ipa, 3)
+                # A stale fault (another vCPU mapped the page meanwhile) never
+                # takes permissions away (rules §2.5 map step 3, §9.3 T7).
+                if not _grants_as_much(old, new):
+                    self.pgt.install(ptep, old, new, fault.ipa, 3)
                 if writable and slot.is_logging:
                     self.services.mark_page_dirty(slot, fault.gfn)
         self.services.release_page(page.pfn)
@@ -108,3 +111,9 @@ class ReferenceCandidate(KvmBase):
                     self.pgt.wrprotect(gfn << 12, (gfn + 1) << 12)
                 self.services.tlb_flush_vmid()
         return dirty
+
+
+def _grants_as_much(old: int, new: int) -> bool:
+    """Is ``old`` the leaf ``new`` would be, with the same permissions or more?"""
+    return d.is_valid(old) and not (old ^ new) & ~d.S2_PERMS \
+        and not new & ~old & (d.S2AP_R | d.S2AP_W) and not old & ~new & d.XN

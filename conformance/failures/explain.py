@@ -47,6 +47,7 @@ INVARIANTS = {
     'T4': "When `relax_perms` returns on a CPU, with 0 or `-EAGAIN`, that CPU's TLB holds no entry for the IPA with fewer permissions than the leaf; other CPUs may still hold weaker entries.",
     'T5': 'Invalid and AF=0 entries are never cached, so setting AF and filling an empty entry need no TLBI.',
     'T6': 'Every TLBI targets the VMID of the page table being changed.',
+    'T7': 'A fault never lowers the permissions of a valid leaf: where the leaf it would install differs from the existing one only in permissions, it leaves the entry alone (§2.5 map step 3).',
     'D1': 'By the time the memslot update that turns logging on returns (without `INITIALLY_SET`), every stage-2 leaf of the slot is read-only and no TLB still grants write access to any of its pages.',
     'D2': 'Every completed guest write to a logged gfn is reported by a harvest whose snapshot is taken after it, or is still in the bitmap at the end; it suffices that every fault making a logging-slot leaf writable marks the gfn under `mmu_lock` (≤v6.12) or after unlocking but before the vCPU resumes (v6.13+) — the forbidden order is mark → harvest (clears and protects) → install writable.',
     'D3': 'When `KVM_GET_DIRTY_LOG` (or `KVM_CLEAR_DIRTY_LOG` in manual mode) returns, every gfn it reported or cleared is write-protected at stage 2 and flushed from every TLB.',

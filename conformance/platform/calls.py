@@ -58,11 +58,17 @@ class CandidateCalls:
             ctx.service_calls = 0
             ctx.cleaned = []
         ctx.depth += 1
+        # The fault-path monitors (T4, no downgrade) and what may excuse them.
+        watch = self.monitors.call_begins(method, args)
+        returned = False
         try:
             result = self._guarded(fn, method, args)
+            returned = True
         finally:
             ctx.vcpu = outer_vcpu
             ctx.depth -= 1
+            if watch is not None:
+                self.monitors.call_ends(watch, result if returned else None, returned)
         if ctx.swallowed is not None:
             raise ctx.swallowed
         if returns is not None and not isinstance(result, returns):

@@ -5,9 +5,15 @@ They run on platform events, independently of the oracle, and raise a
 
 ============================  ==============================================
 ``break-before-make``         valid → different valid without an invalid
-                              step (§2.4, §9.3 T1)
+                              step (§2.4, §9.3 T1), or a fault that breaks a
+                              leaf only to remake it with fewer permissions
+                              (§2.5 map step 3, T7)
 ``tlb-conflict``              a new translation while a TLB still holds an
                               overlapping different one (missing TLBI, T1/T3)
+``tlb-maintenance``           a permission fault handled (RESUME) while the
+                              faulting vCPU's TLB still holds the entry it
+                              faulted on and the leaf now grants the access
+                              (missing local TLBI, §7.5, §9.3 T4)
 ``stale-translation``         S2 or a TLB still maps an address after
                               ``invalidate_range_start`` or a memslot delete
                               returned, or the guest used a freed page (N1, T2)
@@ -35,7 +41,8 @@ They run on platform events, independently of the oracle, and raise a
 
 from __future__ import annotations
 
-from conformance.protocol import MemslotChange, NotifierEvent, NotifierRange
+from conformance.protocol import (
+    Exit, FaultKind, GuestAbort, MemslotChange, NotifierEvent, NotifierRange)
 from model import descriptors as d
 from model.geometry import granule
 from model.memory import PageUse
@@ -45,6 +52,28 @@ _SIZE = {1: "1 GiB block", 2: "2 MiB block", 3: "4 KiB page"}
 
 #: Bits a live leaf may change without break-before-make (rules §1.5 rule 2).
 ATTR_ONLY = d.S2_PERMS | d.AF | d.SW_MASK
+
+#: Candidate calls that change what a fault may rely on: while one runs (or
+#: a notifier range is between start and end) a fault may legitimately
+#: return without fixing anything (``mmu_invalidate_retry``, a memslot
+#: change, the mm going away).
+HOST_CHANGES = frozenset({"invalidate_range_start", "invalidate_range_end",
+                          "commit_memory_region", "release", "destroy"})
+
+
+class _Abort:
+    """A ``handle_guest_abort`` call in flight (one per task)."""
+
+    __slots__ = ("vcpu", "fault", "entry", "epoch", "quiet", "memslots", "broken")
+
+    def __init__(self, vcpu: int, fault: GuestAbort, entry, epoch: int, quiet: bool,
+                 memslots: list):
+        self.vcpu, self.fault, self.entry, self.epoch = vcpu, fault, entry, epoch
+        #: Nothing else changed the host's view when the call began.
+        self.quiet = quiet
+        self.memslots = memslots
+        #: ptep -> the valid leaf this call broke there (stored 0 or LOCKED).
+        self.broken: dict[int, int] = {}
 
 
 class Monitors:
@@ -62,6 +91,14 @@ class Monitors:
         #: Descriptor stores so far, by anyone.
         self.stores = 0
         self.last_valid: dict[tuple[int, int], int] = {}
+        #: Begins and ends of HOST_CHANGES calls so far, and how many run.
+        self.host_epoch = 0
+        self.host_changing = 0
+        #: Task id -> its ``handle_guest_abort`` call in flight.
+        self.aborts: dict[int | None, _Abort] = {}
+        #: vCPU -> a T4 violation of its access in flight, reported when that
+        #: access completes or exits (a livelock is reported as such instead).
+        self.tlbi_missed: dict[int, str] = {}
 
     def fail(self, prop: str, message: str):
         self.p.fail(prop, message)
@@ -81,6 +118,8 @@ class Monitors:
         if loc is None or old == new:
             return
         ipa, level = loc
+        if self.aborts and ctx.depth == 1:
+            self._check_no_downgrade(ptep, ipa, level, old, new)
         if ctx.aging and not (d.is_valid(old) and new == old & ~d.AF):
             self.fail("aging", f"aging stored {d.describe(new, level)} over "
                       f"{d.describe(old, level)} at IPA {ipa:#x} L{level}: aging may only "
@@ -195,6 +234,8 @@ class Monitors:
         pass
 
     def on_guest_access(self, vcpu: int, ipa: int, entry, kind: str) -> None:
+        if self.tlbi_missed:
+            self._report_missed_tlbi(vcpu)
         if kind != "write":
             return
         gfn = ipa >> 12
@@ -211,6 +252,107 @@ class Monitors:
                       f"{entry.describe()} but the gfn is not marked dirty: a writable "
                       "translation exists while logging without a dirty mark "
                       "(rules §9.4 D2/D3)")
+
+    # ------------------------------------------------------ the fault path
+    def call_begins(self, method: str, args: tuple):
+        """A candidate call starts (after the platform counted its depth):
+        what :meth:`call_ends` needs, or ``None`` if nothing is watched."""
+        if method in HOST_CHANGES:
+            self.host_epoch += 1
+            self.host_changing += 1
+            return method
+        if method != "handle_guest_abort" or self.p.ctx.depth != 1:
+            return None
+        vcpu, fault = args
+        hits = self.p.tlbs[vcpu].lookup(fault.ipa) if fault.kind is FaultKind.PERMISSION \
+            else ()
+        watch = _Abort(vcpu, fault, hits[0] if hits else None, self.host_epoch,
+                       not (self.host_changing or self.p.notifiers_in_progress),
+                       list(self.p.memslots.items()))
+        self.aborts[self.p.task_id()] = watch
+        return watch
+
+    def call_ends(self, watch, result, returned: bool = True) -> None:
+        if isinstance(watch, str):
+            self.host_epoch += 1
+            self.host_changing -= 1
+            return
+        self.aborts.pop(self.p.task_id(), None)
+        if not returned:
+            return
+        if result is Exit.RESUME:
+            self._check_local_tlbi(watch)
+        elif self.tlbi_missed:
+            self._report_missed_tlbi(watch.vcpu)
+
+    def _check_local_tlbi(self, w: _Abort) -> None:
+        """T4: when the handler of a permission fault returns to the guest,
+        the faulting vCPU's TLB holds no entry weaker than the leaf. Arm ARM
+        D8 (TLB behaviour) lets a TLB keep the entry that caused a permission
+        fault, so after ``kvm_pgtable_stage2_relax_perms`` the faulting CPU
+        must invalidate its copy locally (``__kvm_tlb_flush_vmid_ipa_nsh``),
+        also when its ``cmpxchg`` lost (``-EAGAIN``; "KVM: arm64: Always
+        invalidate TLB for stage-2 permission faults", Sep 2023; rules §7.5,
+        §9.3 T4). Checked only if no notifier range, memslot change or
+        ``release`` overlapped the call (``mmu_invalidate_retry`` resumes
+        without a TLBI then), and only for the very entry that faulted, still
+        cached. Reported when the access completes (one fault later), so that
+        a handler that never invalidates shows as the livelock it causes."""
+        e, fault, p = w.entry, w.fault, self.p
+        if e is None or not w.quiet or w.epoch != self.host_epoch or p.vmid_dead \
+                or w.memslots != list(p.memslots.items()) \
+                or p.tlbs[w.vcpu].leaves.get((e.level, e.ipa)) is not e:
+            return
+        leaves = p.leaves(fault.ipa, fault.ipa + PAGE_4K)
+        if not leaves:
+            return
+        step, leaf = leaves[0]
+        want = "write" if fault.write else "fetch" if fault.exec else "read"
+        if not _grants(leaf, fault) or _grants(e, fault):
+            return
+        self.tlbi_missed.setdefault(
+            w.vcpu, f"vCPU{w.vcpu}'s {want} permission fault on IPA {fault.ipa:#x} "
+            f"returned to the guest with its TLB still holding {e.describe()}, the entry "
+            f"it faulted on, while stage 2 grants the {want} "
+            f"({d.describe(step.pte, step.level)}): the faulting CPU must invalidate "
+            "its own copy before resuming, also when another vCPU relaxed the leaf "
+            "first (local TLBI after relax_perms on 0 or -EAGAIN; rules §7.5, "
+            "§9.3 T4, §8 bug 14)")
+
+    def _report_missed_tlbi(self, vcpu: int) -> None:
+        why = self.tlbi_missed.pop(vcpu, None)
+        if why is not None:
+            self.fail("tlb-maintenance", why)
+
+    def _check_no_downgrade(self, ptep: int, ipa: int, level: int, old: int,
+                            new: int) -> None:
+        """The fault path never lowers a valid leaf's permissions: where the
+        old and the new leaf differ only in S2AP/XN, ``stage2_map_walker_try_leaf``
+        returns ``-EAGAIN`` (``!stage2_pte_needs_update``) and leaves raising
+        them to ``relax_perms`` (rules §2.5 map step 3, §3.2.1). Seen as a
+        store pair of one ``handle_guest_abort`` call: it breaks a leaf
+        (0 or LOCKED), then makes the same leaf with fewer permissions."""
+        w = self.aborts.get(self.p.task_id())
+        if w is None:
+            return
+        if d.is_valid(old) and not d.is_table(old, level) \
+                and new in (0, d.INVALID_PTE_LOCKED):
+            w.broken[ptep] = old
+            return
+        was = w.broken.pop(ptep, None)
+        if was is None or not d.is_valid(new) or d.is_table(new, level) \
+                or (was ^ new) & ~d.S2_PERMS:
+            return
+        lost = (was & ~new & (d.S2AP_R | d.S2AP_W)) | (new & ~was & d.XN)
+        if lost:
+            self.fail("break-before-make",
+                      f"vCPU{w.vcpu}'s fault broke {d.describe(was, level)} at IPA "
+                      f"{ipa:#x} and remade it as {d.describe(new, level)}: the same "
+                      "leaf with fewer permissions. The map path leaves a leaf that "
+                      "differs only in permissions alone (-EAGAIN), so that a stale "
+                      "fault never undoes another vCPU's relaxation "
+                      "(stage2_map_walker_try_leaf, !stage2_pte_needs_update; rules "
+                      "§2.5 map step 3, §3.2.1, §9.3 T7)")
 
     def on_table_freed(self, pfn: int) -> None:
         self._check_grace_period(pfn)
@@ -474,6 +616,11 @@ class Monitors:
         refs = sum(p.host.gup_refs.values())
         if refs:
             self.fail("host-page-refs", f"{refs} GUP reference(s) outstanding after destroy()")
+
+
+def _grants(x, fault: GuestAbort) -> bool:
+    """Does a leaf or a TLB entry allow the access that took ``fault``?"""
+    return x.read and (x.write or not fault.write) and (x.exec or not fault.exec)
 
 
 def _merged(ranges):

@@ -44,7 +44,7 @@ FAMILIES = {
     "break-before-make", "tlb-conflict", "stale-translation", "memslot-fidelity",
     "dirty-logging", "table-lifecycle", "refcount", "host-page-refs", "aging",
     "locking", "forward-progress", "guest-observation", "host-observation",
-    "dirty-log-harvest", "cache-maintenance",
+    "dirty-log-harvest", "cache-maintenance", "tlb-maintenance",
 }
 
 
@@ -75,6 +75,11 @@ UNWITNESSED = {
                          "writes; the promise about those (clean+invalidate after unmap, "
                          "G-C4/C3) fails in 3 steps, which the ci stream does not line up "
                          "(candidates/mutants/classic_mutants.py, OUT_OF_BUDGET)"),
+    "tlb-maintenance": ("mutant-relax-no-tlbi-on-eagain", "the losing vCPU of a relax_perms "
+                        "race must fault on a page already mapped with fewer permissions "
+                        "than two vCPUs want, without a refault, preempted at its cmpxchg; "
+                        "the ci stream reaches that or not depending on the generator "
+                        "(candidates/mutants/concurrency_mutants.py, OUT_OF_BUDGET)"),
 }
 
 
@@ -225,6 +230,22 @@ SCRIPTS.update({
         *_LOGGING_OFF_WINDOW,
         _race("parallel", (OpSpec("read", 0), OpSpec("read", 1, neighbour=True)),
               Preemption(0, 1, "read_pte", 1), where=5),
+    ]),
+    # vCPU0's read maps the 2 MiB block XN (no DIC); both vCPUs fetch from it:
+    # vCPU0 is preempted at its relax_perms cmpxchg, vCPU1 clears XN and
+    # invalidates its own TLB, vCPU0's cmpxchg loses (-EAGAIN) and it resumes
+    # with the XN entry it faulted on still cached (rules §9.3 T4).
+    "mutant-relax-no-tlbi-on-eagain": (_config(), _layout(), [
+        ("guest_read", dict(vcpu=0, where=0, pages=1)),
+        _race("fault_race", (OpSpec("fetch", 0), OpSpec("fetch", 1)),
+              Preemption(0, 1, "pte store", 1)),
+    ]),
+    # A fresh page: vCPU0's read fault is preempted at its GUP, vCPU1's fetch
+    # maps the page executable, vCPU0's stale fault remakes it XN (rules §2.5
+    # map step 3).
+    "mutant-map-downgrades-permissions": (_config(), _layout(), [
+        _race("fault_race", (OpSpec("read", 0), OpSpec("fetch", 1)),
+              Preemption(0, 1, "gup", 1), where=5),
     ]),
     # Logging slot: the write fault marks the page after its GUP, then is
     # preempted before mmu_lock; the harvest takes (clears) the mark and

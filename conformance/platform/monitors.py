@@ -501,6 +501,8 @@ class Monitors:
     def after_invalidate_end(self, rng: NotifierRange) -> None:
         # Existing leaves are re-checked for fidelity only: the dirty-mark
         # obligation belongs to the call that made a leaf writable.
+        if self.p.vmid_dead:
+            return  # as in _check_unmapped: release owns the tables now
         pending = set(self.pending_dirty)
         for slot, lo, hi in self.p.ipa_ranges(rng.start, rng.end):
             for step, leaf in self.p.leaves(lo, hi):

@@ -90,12 +90,15 @@ NEIGHBOUR = st.sampled_from((False, False, False, True))
 GUEST_OP = st.builds(OpSpec, kind=st.sampled_from(("read", "write", "write", "fetch")),
                      vcpu=st.integers(0, 3), neighbour=NEIGHBOUR)
 INVALIDATE_OP = st.builds(OpSpec, kind=st.just("invalidate"), neighbour=NEIGHBOUR,
-                          host_op=st.sampled_from(NOTIFIER_OPS))
+                          host_op=st.sampled_from(NOTIFIER_OPS),
+                          wide=st.sampled_from((False, False, False, True)))
 AGE_OP = st.builds(OpSpec, kind=st.just("age"), neighbour=NEIGHBOUR,
                    host_op=st.sampled_from(AGING_OPS))
 HARVEST_OP = st.just(OpSpec("harvest"))
 RELEASE_OP = st.just(OpSpec("release"))
-OP = st.one_of(GUEST_OP, GUEST_OP, GUEST_OP, INVALIDATE_OP, AGE_OP, HARVEST_OP)
+#: A release ends the program's useful part: one operation in 28.
+OP = st.one_of(GUEST_OP, GUEST_OP, GUEST_OP, INVALIDATE_OP, AGE_OP,
+               st.one_of(HARVEST_OP, HARVEST_OP, HARVEST_OP, RELEASE_OP))
 OPS = st.lists(OP, min_size=2, max_size=4).map(tuple)
 PREEMPTION = st.builds(Preemption, task=st.integers(0, 3), after=st.sampled_from(AFTER),
                        kind=st.sampled_from(POINT_KINDS), to=st.integers(0, 3))
@@ -180,20 +183,24 @@ COLLAPSE_RACE_SCHEDULES = _race_schedules(("read_pte", "read_pte", "read_pte", "
 MEMSLOT_OP = st.just(OpSpec("memslot"))
 MEMSLOT_RACE_OPS = st.tuples(GUEST_OP, MEMSLOT_OP, st.lists(GUEST_OP, min_size=1, max_size=2)).map(
     lambda t: (t[0], t[1]) + tuple(t[2]))
-MEMSLOT_RACE_SCHEDULES = st.lists(
-    st.builds(lambda who, after, kind: Preemption(who[0], after, kind, who[1]),
-              st.sampled_from(((0, 1), (0, 1), (0, 1), (0, 1), (2, 0), (0, 2), (1, 2))),
-              st.sampled_from((1, 1, 1, 2, 3, 5)),
-              st.sampled_from(("pte store", "pte store", "pte store", "pte store", "read_pte",
-                               "read_pte", "gup", "read_lock", "memslot swap"))),
-    min_size=1, max_size=2).map(lambda ps: Schedule(tuple(ps)))
+MEMSLOT_RACE_SCHEDULES = st.tuples(
+    # The first fault stopped where it has looked the memslots up (and read
+    # the entry it will change), in favour of the change.
+    st.builds(Preemption, task=st.just(0), after=st.sampled_from((1, 1, 2)),
+              kind=st.sampled_from(("pte store", "pte store", "read_pte", "gup")),
+              to=st.just(1)),
+    st.lists(st.builds(lambda who, after, kind: Preemption(who[0], after, kind, who[1]),
+                       st.sampled_from(((1, 2), (2, 0), (0, 2))),
+                       st.sampled_from((1, 1, 2, 3)),
+                       st.sampled_from(("memslot swap", "pte store", "read_pte", "read_lock"))),
+             max_size=1)).map(lambda t: Schedule((t[0],) + tuple(t[1])))
 
 #: A notifier invalidation of a range (across a 1 GiB IPA boundary where a
 #: memslot crosses one, so a resumable unmap drops ``mmu_lock`` half-way)
 #: racing the VMM's exit or a guest access (rules §5.3, §9.7 L4; seed 002).
 WIDE_INVALIDATE_OP = st.builds(OpSpec, kind=st.just("invalidate"), wide=st.just(True),
                                host_op=st.sampled_from(("madvise_dontneed", "mprotect_ro")))
-UNMAP_RACE_OPS = st.tuples(WIDE_INVALIDATE_OP, st.one_of(GUEST_OP, GUEST_OP, RELEASE_OP),
+UNMAP_RACE_OPS = st.tuples(WIDE_INVALIDATE_OP, st.one_of(GUEST_OP, RELEASE_OP),
                            st.lists(GUEST_OP, max_size=1)).map(
     lambda t: (t[0], t[1]) + tuple(t[2]))
 UNMAP_RACE_SCHEDULES = st.lists(
@@ -204,9 +211,29 @@ UNMAP_RACE_SCHEDULES = st.lists(
                                "tlb_flush_vmid_ipa", "read_pte", None))),
     max_size=2).map(lambda ps: Schedule(tuple(ps)))
 
+#: Faults racing to upgrade one leaf (rules §2.5 relax_perms and map step 3,
+#: §7.2, §7.5, §9.3 T4/T7; seed 000; §8 bug 14): writes and fetches by 2-3
+#: vCPUs on a page mapped without write or execute permission (one relaxes,
+#: the others lose their ``cmpxchg`` or find the work done), or, after a
+#: migration, a read fault that went stale while another vCPU mapped the
+#: page with more permissions. Task 0 is stopped before its store or its
+#: walk, and another fault runs.
+UPGRADE_OP = st.builds(OpSpec, kind=st.sampled_from(("write", "fetch")), vcpu=st.integers(0, 3))
+RELAX_RACE_OPS = st.tuples(
+    st.builds(OpSpec, kind=st.sampled_from(("write", "fetch", "write", "fetch", "read")),
+              vcpu=st.integers(0, 3)),
+    st.lists(UPGRADE_OP, min_size=1, max_size=2)).map(lambda t: (t[0],) + tuple(t[1]))
+RELAX_RACE_SCHEDULES = st.lists(
+    st.builds(lambda who, after, kind: Preemption(who[0], after, kind, who[1]),
+              st.sampled_from(((0, 1), (0, 1), (0, 1), (1, 0), (0, 2), (1, 2))),
+              st.sampled_from((1, 1, 1, 2)),
+              st.sampled_from(("pte store", "pte store", "pte store", "read_lock", "read_lock",
+                               "read_pte", "gup"))),
+    min_size=1, max_size=2).map(lambda ps: Schedule(tuple(ps)))
+
 #: The rules whose steps run concurrently (same arguments, same checks).
 PARALLEL_RULES = ("parallel", "fault_race", "host_race", "dirty_race", "collapse_race",
-                  "memslot_race", "unmap_race")
+                  "memslot_race", "unmap_race", "relax_race")
 
 
 @attrs.frozen
@@ -287,7 +314,9 @@ class ParallelMachine(Stage2Machine):
         self._parallel_step(self._gfn_where(where, lambda s: s.is_logging), ops, schedule,
                             refault)
 
-    @precondition(lambda self: self.live)
+    # Only while there is something to collapse: any access to such a
+    # window collapses it, so it lasts a few steps.
+    @precondition(lambda self: self.live and self._has_table_window(logging=False))
     @rule(where=INDEX, ops=FAULT_RACE_OPS, schedule=COLLAPSE_RACE_SCHEDULES)
     @checked
     def collapse_race(self, where, ops, schedule):
@@ -315,10 +344,35 @@ class ParallelMachine(Stage2Machine):
     @rule(where=INDEX, ops=UNMAP_RACE_OPS, schedule=UNMAP_RACE_SCHEDULES)
     @checked
     def unmap_race(self, where, ops, schedule):
-        """A notifier invalidation of 4 MiB around the page at ``where`` (across
-        a 1 GiB boundary when its memslot crosses one) racing the VMM's exit
-        or guest accesses."""
-        self._parallel_step(self._gfn_where(where, lambda s: True), ops, schedule, False)
+        """A notifier invalidation of 4 MiB around the page at ``where`` of a
+        memslot that crosses a 1 GiB IPA boundary (of any memslot if none
+        does) racing the VMM's exit or guest accesses."""
+        self._parallel_step(self._gfn_where(where, _crosses_1g), ops, schedule, False)
+
+    @precondition(lambda self: self.live)
+    @rule(where=INDEX, ops=RELAX_RACE_OPS, schedule=RELAX_RACE_SCHEDULES,
+          refault=st.sampled_from((False, False, True)))
+    @checked
+    def relax_race(self, where, ops, schedule, refault=False):
+        """Guest accesses by 2-3 vCPUs on a page mapped without write or
+        execute permission (the page at ``where`` if none is), or, with
+        ``refault``, on the page at ``where`` after the host migrated it."""
+        gfn = None if refault else self._upgradable_gfn(where, ops[-1].kind == "write")
+        self._parallel_step(self._gfn(where) if gfn is None else gfn, ops, schedule, refault)
+
+    def _upgradable_gfn(self, where, write: bool) -> int | None:
+        """A page of a writable memslot mapped by a leaf without W (``write``)
+        or without X: what the last access of a ``relax_race`` upgrades
+        (``None`` if there is none)."""
+        pages = []
+        for slot in sorted(self.slots.values(), key=lambda s: s.id):
+            if slot.readonly:
+                continue
+            for step, leaf in self.platform.leaves(slot.base_gfn << 12, slot.end_gfn << 12):
+                gfn = max(step.ipa >> 12, slot.base_gfn)
+                if not (leaf.write if write else leaf.exec):
+                    pages.append(gfn)
+        return pages[where % len(pages)] if pages else None
 
     def _gfn_where(self, where, wanted) -> int:
         """The gfn of the pool entry ``where`` among those in a memslot that
@@ -326,6 +380,31 @@ class ParallelMachine(Stage2Machine):
         pool = [i for i, (sid, _) in enumerate(self.gfns)
                 if sid in self.slots and wanted(self.slots[sid])] or list(range(len(self.gfns)))
         return self._gfn(pool[where % len(pool)])
+
+    def _block_capable(self, slot) -> bool:
+        """May a fault map 2 MiB blocks in ``slot`` (hva congruent to the
+        IPA, THP-backed where it starts)?"""
+        if (slot.userspace_addr - (slot.base_gfn << 12)) % THP_SIZE:
+            return False
+        vma = self.platform.host.vma_at(slot.userspace_addr)
+        return vma is not None and vma.thp
+
+    def _has_table_window(self, logging: bool) -> bool:
+        """Is a table of 4 KiB entries linked in a block-capable memslot whose
+        logging is ``logging``? (Cheap: the platform's reachable tables.)"""
+        for ipa, level in self.platform.reachable.values():
+            if level == 3:
+                slot = self.slots_by_gfn(ipa >> 12)
+                if slot is not None and slot.is_logging == logging \
+                        and self._block_capable(slot):
+                    return True
+        return False
+
+    def slots_by_gfn(self, gfn):
+        for slot in self.slots.values():
+            if slot.contains_gfn(gfn):
+                return slot
+        return None
 
     def _table_window_gfn(self, where, logging: bool) -> int | None:
         """An unmapped page (with an unmapped next page) of a 2 MiB window
@@ -633,6 +712,12 @@ class ParallelMachine(Stage2Machine):
             shown = ", ".join(f"{g:#x}" for g in sorted(observation)[:6])
             return f"reported {{{shown}{', ...' if len(observation) > 6 else ''}}}"
         return self._explain(observation)
+
+
+def _crosses_1g(slot) -> bool:
+    """Does the memslot span two 1 GiB IPA regions (two level-1 entries, two
+    chunks of ``stage2_apply_range``)?"""
+    return slot.base_gfn >> 18 != (slot.end_gfn - 1) >> 18
 
 
 def _bind_in_flight(records, planned):

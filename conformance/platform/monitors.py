@@ -554,6 +554,8 @@ class Monitors:
         self._check_protected(slot, "get_dirty_log (rules §4.4, §9.4 D3)")
 
     def _check_protected(self, slot, why: str) -> None:
+        if self.p.vmid_dead:
+            return  # as in _check_unmapped: release owns the tables now
         lo, hi = slot.base_gfn << 12, slot.end_gfn << 12
         # Pages a fault of a parallel step has made writable and will mark
         # before it returns (checked when the step quiesces) are exempt.

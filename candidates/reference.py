@@ -107,6 +107,8 @@ class ReferenceCandidate(KvmBase):
         dirty = self.services.take_dirty_bitmap(slot)
         if dirty:
             with self.services.mmu_write_lock():
+                if self.pgt is None:  # released: nothing left to protect
+                    return dirty
                 for gfn in dirty:
                     self.pgt.wrprotect(gfn << 12, (gfn + 1) << 12)
                 self.services.tlb_flush_vmid()

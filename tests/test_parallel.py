@@ -522,14 +522,16 @@ def test_a_wide_invalidation_crosses_1_gib_and_races_release():
         failure
 
 
+@pytest.mark.parametrize("cls", [ClassicCandidate, ReferenceCandidate],
+                         ids=["kvm-classic", "reference"])
 @pytest.mark.parametrize("other", [
     OpSpec("harvest"), OpSpec("invalidate", host_op="madvise_dontneed", wide=True)])
-def test_release_racing_a_harvest_or_an_invalidation_is_legal(other):
+def test_release_racing_a_harvest_or_an_invalidation_is_legal(other, cls):
     """Once the VMM is exiting, release owns the tables: a harvest or an
     invalidation that finds them detached has nothing to protect or unmap."""
     for schedule in (Schedule(()), Schedule((Preemption(0, 1, "pte store", 1),)),
                      Schedule((Preemption(1, 1, "pte store", 0),))):
-        failure, _ = play("scripted", ClassicCandidate, [
+        failure, _ = play("scripted", cls, [
             ("boot", dict(config=SRCU_CONFIG, layout=LOGGING_LAYOUT)),
             ("guest_write", dict(vcpu=0, where=0, pages=8)),
             ("parallel", dict(where=0, ops=(OpSpec("release"), other), schedule=schedule))],

@@ -187,7 +187,7 @@ MEMSLOT_RACE_SCHEDULES = st.tuples(
     # The first fault stopped where it has looked the memslots up (and read
     # the entry it will change), in favour of the change.
     st.builds(Preemption, task=st.just(0), after=st.sampled_from((1, 1, 2)),
-              kind=st.sampled_from(("pte store", "pte store", "read_pte", "gup")),
+              kind=st.sampled_from(("pte store", "pte store", "pte store", "read_pte", "gup")),
               to=st.just(1)),
     st.lists(st.builds(lambda who, after, kind: Preemption(who[0], after, kind, who[1]),
                        st.sampled_from(((1, 2), (2, 0), (0, 2))),
@@ -212,24 +212,37 @@ UNMAP_RACE_SCHEDULES = st.lists(
     max_size=2).map(lambda ps: Schedule(tuple(ps)))
 
 #: Faults racing to upgrade one leaf (rules §2.5 relax_perms and map step 3,
-#: §7.2, §7.5, §9.3 T4/T7; seed 000; §8 bug 14): writes and fetches by 2-3
-#: vCPUs on a page mapped without write or execute permission (one relaxes,
-#: the others lose their ``cmpxchg`` or find the work done), or, after a
-#: migration, a read fault that went stale while another vCPU mapped the
-#: page with more permissions. Task 0 is stopped before its store or its
-#: walk, and another fault runs.
-UPGRADE_OP = st.builds(OpSpec, kind=st.sampled_from(("write", "fetch")), vcpu=st.integers(0, 3))
-RELAX_RACE_OPS = st.tuples(
-    st.builds(OpSpec, kind=st.sampled_from(("write", "fetch", "write", "fetch", "read")),
-              vcpu=st.integers(0, 3)),
-    st.lists(UPGRADE_OP, min_size=1, max_size=2)).map(lambda t: (t[0],) + tuple(t[1]))
-RELAX_RACE_SCHEDULES = st.lists(
-    st.builds(lambda who, after, kind: Preemption(who[0], after, kind, who[1]),
-              st.sampled_from(((0, 1), (0, 1), (0, 1), (1, 0), (0, 2), (1, 2))),
-              st.sampled_from((1, 1, 1, 2)),
-              st.sampled_from(("pte store", "pte store", "pte store", "read_lock", "read_lock",
-                               "read_pte", "gup"))),
-    min_size=1, max_size=2).map(lambda ps: Schedule(tuple(ps)))
+#: §7.2, §7.5, §9.3 T4/T7; seed 000; §8 bug 14): 2-3 writes or fetches by
+#: different vCPUs on a page mapped without that permission (one relaxes,
+#: the others lose their ``cmpxchg`` or find the work done), sometimes after
+#: a read fault that went stale while they mapped the page with more
+#: permissions. Task 0 is stopped before its store or its walk, in favour of
+#: task 1.
+def _relax_ops(stale_read, kind, vcpus):
+    ops = tuple(OpSpec(kind, vcpu=v) for v in vcpus)
+    return ((OpSpec("read", vcpu=3),) + ops) if stale_read else ops
+
+
+RELAX_RACE_OPS = st.builds(_relax_ops, st.sampled_from((False, False, True)),
+                           st.sampled_from(("fetch", "write", "fetch")),
+                           st.lists(st.integers(0, 3), min_size=2, max_size=2))
+#: What comes first: vCPU0 reads the page (a read maps it XN without DIC,
+#: read-only while logging), or the host migrates it (so every access is a
+#: translation fault), or nothing (a page mapped without the permission is
+#: chosen if there is one).
+RELAX_BEFORE = st.sampled_from(("read", "migrate", "read", "nothing"))
+RELAX_RACE_SCHEDULES = st.tuples(
+    # The first fault stopped before its store (a lost cmpxchg) or before its
+    # walk (a stale fault), in favour of the second.
+    st.builds(Preemption, task=st.just(0), after=st.sampled_from((1, 1, 1, 2)),
+              kind=st.sampled_from(("pte store", "pte store", "pte store", "read_lock", "gup")),
+              to=st.just(1)),
+    st.lists(st.builds(lambda who, after, kind: Preemption(who[0], after, kind, who[1]),
+                       st.sampled_from(((1, 0), (0, 2), (1, 2), (2, 0))),
+                       st.sampled_from((1, 1, 2)),
+                       st.sampled_from(("pte store", "read_lock", "read_pte",
+                                        "tlb_flush_vmid_ipa_nsh"))),
+             max_size=1)).map(lambda t: Schedule((t[0],) + tuple(t[1])))
 
 #: The rules whose steps run concurrently (same arguments, same checks).
 PARALLEL_RULES = ("parallel", "fault_race", "host_race", "dirty_race", "collapse_race",
@@ -350,15 +363,25 @@ class ParallelMachine(Stage2Machine):
         self._parallel_step(self._gfn_where(where, _crosses_1g), ops, schedule, False)
 
     @precondition(lambda self: self.live)
-    @rule(where=INDEX, ops=RELAX_RACE_OPS, schedule=RELAX_RACE_SCHEDULES,
-          refault=st.sampled_from((False, False, True)))
+    @rule(where=INDEX, ops=RELAX_RACE_OPS, schedule=RELAX_RACE_SCHEDULES, before=RELAX_BEFORE)
     @checked
-    def relax_race(self, where, ops, schedule, refault=False):
-        """Guest accesses by 2-3 vCPUs on a page mapped without write or
-        execute permission (the page at ``where`` if none is), or, with
-        ``refault``, on the page at ``where`` after the host migrated it."""
-        gfn = None if refault else self._upgradable_gfn(where, ops[-1].kind == "write")
-        self._parallel_step(self._gfn(where) if gfn is None else gfn, ops, schedule, refault)
+    def relax_race(self, where, ops, schedule, before="nothing"):
+        """Writes or fetches by 2-3 vCPUs on one page: the page at ``where``
+        (of a logging memslot, for writes) after vCPU0 read it
+        (``before="read"``), or after the host migrated it (``"migrate"``),
+        else a page mapped without the permission they need (the page at
+        ``where`` if there is none)."""
+        write = ops[-1].kind == "write"
+        if before == "nothing":
+            gfn = self._upgradable_gfn(where, write)
+            gfn = self._gfn(where) if gfn is None else gfn
+        elif before == "read" and write:  # read-only only while logging
+            gfn = self._gfn_where(where, lambda slot: slot.is_logging)
+        else:
+            gfn = self._gfn(where)
+        if before == "read":
+            self._guest_access_gfn(0, gfn, "read")
+        self._parallel_step(gfn, ops, schedule, before == "migrate")
 
     def _upgradable_gfn(self, where, write: bool) -> int | None:
         """A page of a writable memslot mapped by a leaf without W (``write``)

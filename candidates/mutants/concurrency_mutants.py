@@ -167,7 +167,7 @@ class RelaxNoTlbiOnEagain(_ClassicRaceMutant):
     #: The losing vCPU faults only once more (it then finds the leaf relaxed
     #: and invalidates), so forward progress holds; the T4 monitor sees its
     #: permission fault return with the faulting entry still cached while
-    #: the leaf grants the access (see OUT_OF_BUDGET).
+    #: the leaf grants the access (rules §9.3 T4).
     expected_property = ("tlb-maintenance",)
     pgtable_cls = _RelaxNoTlbiOnEagainPgTable
 
@@ -232,8 +232,8 @@ class MapDowngradesPermissions(_ClassicRaceMutant):
     reference = "§2.5 map step 3, §3.2.1, §7.2"
     #: The writer only faults once more and relaxes the leaf again, so
     #: forward progress holds; the monitor of map step 3 sees the stale
-    #: fault break the leaf and remake it with fewer permissions (see
-    #: OUT_OF_BUDGET).
+    #: fault break the leaf and remake it with fewer permissions (rules
+    #: §9.3 T7).
     expected_property = ("break-before-make",)
     pgtable_cls = _MapDowngradesPgTable
 
@@ -328,100 +328,41 @@ class FastWrprotectWithoutTlbi(_ParallelRaceMutant):
             return super().fast_page_fault(fault, slot)
 
 
+#: Each one is reached by the race rule drawn for it (``conformance.machines.
+#: parallel``; docs/parallel.md lists them): seed 001's collapse race by
+#: ``collapse_race``; seed 002's stale root by ``unmap_race`` (a 4 MiB
+#: invalidation across 1 GiB racing ``release``); the lost ``cmpxchg`` by
+#: ``relax_race``; the others by ``fault_race``, ``host_race`` or already by a
+#: sequential step of a warm start.
 MUTANTS = {
     "mutant-unmap-clean-before-tlbi": UnmapCleanBeforeTlbi,
     "mutant-fast-wrprotect-no-tlbi": FastWrprotectWithoutTlbi,
     "mutant-fault-skips-invalidate-retry": FaultSkipsInvalidateRetry,
-}
-
-#: Real races the generated programs do not reach within the ``ci`` budget
-#: (nor, for most, within 5 x 300 ``dev`` programs). Not registered;
-#: ``tests/test_mutants.py`` fails each on a scripted counterexample (and
-#: passes its unmutated parent on it). Why the generator misses each one,
-#: and what would reach it:
-#:
-#: * collapse-frees-at-once needs a parallel step in which one fault collapses
-#:   a table (a THP-backed 2 MiB window still mapped by 4 KiB pages after
-#:   dirty logging was turned off) while another task is inside an RCU
-#:   read-side section (any shared walk). ``fault_race`` always migrates the
-#:   page first (``refault=True``): that unmaps the whole THP and prunes the
-#:   table, so it never collapses; ``parallel`` and ``host_race`` collapse
-#:   only when they land, without refault, on an unmapped page of such a
-#:   window. kvm-classic on the parallel machine collapsed in 16 parallel
-#:   steps of 321 ``dev`` programs (seed 0), and at none of them was another
-#:   task inside a walk; the mutant was caught in none of 5 x 300 ``dev``
-#:   programs (seeds 0-4). Would reach it: a race rule for collapses, i.e.
-#:   two or three faults without refault on unmapped pages of a window left
-#:   with 4 KiB tables (the ``migrated`` start, a slot whose logging was
-#:   turned off), with a preemption inside one fault's walk (``read_pte``,
-#:   ``pte store``);
-#: * collapse-teardown-inline needs a fault that installs a 4 KiB entry in a
-#:   table another fault is collapsing into a block. In this model every
-#:   fault in one 2 MiB window wants the same mapping size (THP backing is
-#:   per window, logging per memslot, and both change only in sequential
-#:   steps), so no program of the current generator can produce it, whatever
-#:   the budget. In KVM it happens while ``KVM_SET_USER_MEMORY_REGION`` turns
-#:   logging off: a vCPU whose fault looked the memslots up before the swap
-#:   still sees the logging slot and maps 4 KiB (``synchronize_srcu`` waits for
-#:   it; arm64's commit does nothing when logging stops) while a vCPU that
-#:   looked them up after collapses the window. The script stages that: vCPU1
-#:   sees the memslot array from before the flags change. Would reach it: a
-#:   parallel-step operation that changes a memslot's logging flag with SRCU
-#:   semantics (faults in flight keep the old memslots until it returns);
-#: * dirty-mark-before-install needs ``host_race`` with a harvest of a
-#:   logging slot and a write fault that GUPs, preempted exactly between its
-#:   GUP (where this mutant marks) and ``read_lock``, with the harvest as the
-#:   task that runs: the harvest is one host operation in nine of
-#:   ``host_race``, ``read_lock`` one preemption kind in eight, and the
-#:   preemption must name the fault's task and after=1. The ``ci`` stream
-#:   does not catch it in 300 programs; ``dev`` seeds 0-4 (300 programs each)
-#:   first at programs: never, 306, 27, 72, 89. Would reach it:
-#:   when ``host_race`` draws a harvest, preempt a writing fault at its
-#:   ``read_lock`` (or first ``pte store``) in favour of the harvest;
-#: * resched-unmap-stale-root needs ``release`` (``exit_mmap``) to run while a
-#:   resumable unmap has dropped ``mmu_lock`` between two 1 GiB chunks, and
-#:   the detached tables' RCU grace period to end before the unmap walks on.
-#:   A parallel step's invalidation covers one page, so it never crosses a
-#:   1 GiB boundary (memslot DELETE/MOVE, which could, are sequential steps);
-#:   and RCU callbacks run as late as possible (when no other task can run,
-#:   or when the outermost call returns), so even with such an unmap and a
-#:   ``release`` in one step, ``destroy`` would run after the unmap finished
-#:   (the unmapper holds no RCU read lock; in the kernel the grace period may
-#:   end while it sleeps in ``cond_resched``). The script is the one of
-#:   tests/test_kvm_parallel.py: the release and its grace period run inside
-#:   the unmap's ``cpu_relax``. Would reach it: invalidations (or memslot
-#:   deletes) crossing a 1 GiB IPA boundary in parallel steps, with a
-#:   ``release``, and RCU callbacks as scheduler tasks that may run as soon
-#:   as they are eligible (a preemption target), not only last.
-#: * relax-no-tlbi-on-eagain (``tlb-maintenance``, rules §9.3 T4) needs a
-#:   page mapped with fewer permissions than two vCPUs' accesses want (a
-#:   read maps it XN without DIC, read-only in a logging slot), then both
-#:   faulting on it at once *without* a refault (``fault_race`` migrates
-#:   the page first in most steps, which makes the faults translation
-#:   faults), the first preempted at its first ``pte store`` (the
-#:   ``relax_perms`` ``cmpxchg``) in favour of the other. The derandomized
-#:   ``ci`` stream is sensitive to every generator change: with the
-#:   generator of d2e11e3 it first fails at program 317 (``max_examples``
-#:   300), with an in-flight version of the race rules of cb1b637 at
-#:   program 3, with those of 86ebe2d not within 60. Would reach it: when
-#:   ``fault_race`` does not refault and the page is mapped with fewer
-#:   permissions than its operations need, preempt the first at its first
-#:   ``pte store`` in favour of another vCPU's;
-#: * map-downgrades-permissions (``break-before-make``, rules §2.5 map step
-#:   3) needs a read fault on an unmapped page preempted before its walk
-#:   while another vCPU's fetch (or write, in a logging slot) maps the page
-#:   with more permissions. ``fault_race`` reaches it easily (d2e11e3: the
-#:   ``ci`` stream fails at program 7), but the race rules of cb1b637 shift
-#:   the stream: an in-flight version caught it at program 61, 86ebe2d's
-#:   not within 60. Would reach it reliably: in
-#:   ``fault_race``, draw a read together with a fetch or write more often,
-#:   preempting the reader at its GUP.
-OUT_OF_BUDGET = {
     "mutant-collapse-frees-at-once": CollapseFreesAtOnce,
-    "mutant-collapse-teardown-inline": CollapseTeardownInline,
-    "mutant-dirty-mark-before-install": DirtyMarkBeforeInstall,
     "mutant-resched-unmap-stale-root": ReschedUnmapStaleRoot,
     "mutant-relax-no-tlbi-on-eagain": RelaxNoTlbiOnEagain,
+}
+
+#: Real races the race rules reach, but not in the one derandomized ``ci``
+#: stream that ``tests/test_mutants.py`` holds the corpus to: each is caught
+#: in 4 of 5 seeded runs of the same budget (60 programs; ``stage2-conformance
+#: mutants --profile ci --examples 60 --seeds 5``), so a generator change may
+#: move it in or out of that one stream. Not registered; ``tests/
+#: test_mutants.py`` fails each on a scripted counterexample written with the
+#: same rules (and passes its unmutated parent on it):
+#:
+#: * collapse-teardown-inline (seed 001's leak): ``memslot_race``, a fault
+#:   that looked the memslots up before dirty logging was turned off maps
+#:   4 KiB in a table that a fault from after the change collapses;
+#: * dirty-mark-before-install: ``dirty_race``, the write fault stopped
+#:   between its GUP (where this mutant marks) and ``mmu_lock`` while the
+#:   harvest runs;
+#: * map-downgrades-permissions: ``relax_race`` after a migration, a read
+#:   fault stopped before its walk while another vCPU's fetch maps the page
+#:   executable.
+OUT_OF_BUDGET = {
+    "mutant-collapse-teardown-inline": CollapseTeardownInline,
+    "mutant-dirty-mark-before-install": DirtyMarkBeforeInstall,
     "mutant-map-downgrades-permissions": MapDowngradesPermissions,
 }
 
@@ -430,5 +371,5 @@ OUT_OF_BUDGET = {
 #: (relax-no-tlbi-on-eagain, map-downgrades-permissions), whose only symptom
 #: is one extra fault, fail since the monitors check rules §9.3 T4
 #: (``tlb-maintenance``) and §2.5 map step 3 (``break-before-make``)
-#: directly; they are in :data:`OUT_OF_BUDGET`.
+#: directly.
 NOT_OBSERVABLE: dict[str, type] = {}

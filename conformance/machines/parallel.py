@@ -183,12 +183,18 @@ COLLAPSE_RACE_SCHEDULES = _race_schedules(("read_pte", "read_pte", "read_pte", "
 MEMSLOT_OP = st.just(OpSpec("memslot"))
 MEMSLOT_RACE_OPS = st.tuples(GUEST_OP, MEMSLOT_OP, st.lists(GUEST_OP, min_size=1, max_size=2)).map(
     lambda t: (t[0], t[1]) + tuple(t[2]))
+def _first_preemption(points):
+    """Task 0 stopped at one of ``points`` ((kind, after) pairs), in favour
+    of task 1: where the race of a rule begins."""
+    return st.sampled_from(points).map(lambda p: Preemption(0, p[1], p[0], 1))
+
+
 MEMSLOT_RACE_SCHEDULES = st.tuples(
-    # The first fault stopped where it has looked the memslots up (and read
-    # the entry it will change), in favour of the change.
-    st.builds(Preemption, task=st.just(0), after=st.sampled_from((1, 1, 2)),
-              kind=st.sampled_from(("pte store", "pte store", "pte store", "read_pte", "gup")),
-              to=st.just(1)),
+    # The first fault stopped once it has looked the memslots up and read the
+    # entry it changes (after its first store: it holds the entry LOCKED),
+    # in favour of the change.
+    _first_preemption((("pte store", 1), ("pte store", 1), ("pte store", 1),
+                       ("pte store", 2), ("read_pte", 3), ("gup", 1))),
     st.lists(st.builds(lambda who, after, kind: Preemption(who[0], after, kind, who[1]),
                        st.sampled_from(((1, 2), (2, 0), (0, 2))),
                        st.sampled_from((1, 1, 2, 3)),
@@ -234,9 +240,8 @@ RELAX_BEFORE = st.sampled_from(("read", "migrate", "read", "nothing"))
 RELAX_RACE_SCHEDULES = st.tuples(
     # The first fault stopped before its store (a lost cmpxchg) or before its
     # walk (a stale fault), in favour of the second.
-    st.builds(Preemption, task=st.just(0), after=st.sampled_from((1, 1, 1, 2)),
-              kind=st.sampled_from(("pte store", "pte store", "pte store", "read_lock", "gup")),
-              to=st.just(1)),
+    _first_preemption((("pte store", 1), ("pte store", 1), ("pte store", 1),
+                       ("read_lock", 1), ("gup", 1), ("pte store", 2))),
     st.lists(st.builds(lambda who, after, kind: Preemption(who[0], after, kind, who[1]),
                        st.sampled_from(((1, 0), (0, 2), (1, 2), (2, 0))),
                        st.sampled_from((1, 1, 2)),
@@ -414,14 +419,24 @@ class ParallelMachine(Stage2Machine):
 
     def _has_table_window(self, logging: bool) -> bool:
         """Is a table of 4 KiB entries linked in a block-capable memslot whose
-        logging is ``logging``? (Cheap: the platform's reachable tables.)"""
+        logging is ``logging``, in a window the host may back with a THP?
+        (Cheap: the platform's reachable tables.)"""
         for ipa, level in self.platform.reachable.values():
             if level == 3:
-                slot = self.slots_by_gfn(ipa >> 12)
+                gfn = ipa >> 12
+                slot = self.slots_by_gfn(gfn)
                 if slot is not None and slot.is_logging == logging \
-                        and self._block_capable(slot):
+                        and self._block_capable(slot) and gfn + 511 < slot.end_gfn \
+                        and self._host_may_back_a_block(slot.gfn_to_hva(gfn)):
                     return True
         return False
+
+    def _host_may_back_a_block(self, hva) -> bool:
+        """Is the 2 MiB window at ``hva`` a THP on the host, or not faulted
+        in yet where a THP fits (a fault there may then map a block)?"""
+        host = self.platform.host
+        pte = host.pte(hva)
+        return pte.huge if pte is not None else host.thp_possible(hva)
 
     def slots_by_gfn(self, gfn):
         for slot in self.slots.values():
@@ -430,10 +445,11 @@ class ParallelMachine(Stage2Machine):
         return None
 
     def _table_window_gfn(self, where, logging: bool) -> int | None:
-        """An unmapped page (with an unmapped next page) of a 2 MiB window
-        mapped by a table of 4 KiB leaves, in a THP-backed, congruent
-        memslot whose logging is ``logging``: where a fault without logging
-        collapses the table (``None`` if there is none)."""
+        """An unmapped page (with an unmapped next page; a mapped one if the
+        window has none) of a 2 MiB window mapped by a table of 4 KiB leaves,
+        in a block-capable memslot whose logging is ``logging``: where a
+        fault without logging collapses the table (``None`` if there is
+        none)."""
         p, pages = self.platform, []
         for slot in sorted(self.slots.values(), key=lambda s: s.id):
             if slot.is_logging != logging:
@@ -442,15 +458,17 @@ class ParallelMachine(Stage2Machine):
                 continue
             first = -(-slot.base_gfn // 512) * 512
             for window in range(first, slot.end_gfn - 511, 512):
-                vma = p.host.vma_at(slot.gfn_to_hva(window))
-                if vma is None or not vma.thp:
+                if not self._host_may_back_a_block(slot.gfn_to_hva(window)):
                     continue
                 leaves = p.leaves(window << 12, (window + 512) << 12)
                 if not any(step.level == 3 for step, _ in leaves):
                     continue
                 mapped = {step.ipa >> 12 for step, _ in leaves}
-                pages.extend(window + off for off in (1, 0, 5, 256, 510)
-                             if window + off not in mapped and window + off + 1 not in mapped)
+                free = [window + off for off in (1, 0, 5, 256, 510)
+                        if window + off not in mapped and window + off + 1 not in mapped]
+                # A fully mapped window collapses on a permission fault too
+                # (the fault granule is smaller than the host mapping).
+                pages.extend(free or [window + 1, window + 256])
         return pages[where % len(pages)] if pages else None
 
     def _parallel_step(self, gfn, ops, schedule, refault):

@@ -96,8 +96,7 @@ from __future__ import annotations
 
 from candidates.classic import ClassicCandidate
 from candidates.pgtable import (
-    E2BIG, EAGAIN, EINVAL, HANDLE_FAULT, LAST_LEVEL, LEAF, SHARED, SKIP_CMO,
-    TABLE_PRE, Ctx, Stage2PgTable)
+    EAGAIN, EINVAL, HANDLE_FAULT, LAST_LEVEL, LEAF, SHARED, Ctx, Stage2PgTable)
 from conformance.protocol import (
     PAGE_SIZE, Exit, FaultKind, GuestAbort, Memslot)
 from model import descriptors as d
@@ -134,58 +133,15 @@ class ParallelStage2PgTable(Stage2PgTable):
     after a grace period, and a lockless one-leaf update walk."""
 
     # ------------------------------------------------------------- map
-    def _map_walker(self, phys: int, prot: d.Prot, force_pte: bool):
-        """kvm-classic's map walker (``stage2_map_walker``), except that a
-        writable leaf is built with SW0 (``stage2_set_prot_attr`` copies the
-        ``KVM_PGTABLE_PROT_SW*`` bits) and that a permission- or SW-only
-        difference is left alone (``-EAGAIN``) like a permission-only one."""
-        svc = self.svc
-        sw = SW_HOST_WRITABLE if d.Prot.W in prot else 0
+    # kvm-classic's map walker (``stage2_map_walker``), except that a writable
+    # leaf is built with SW0 (``stage2_set_prot_attr`` copies the
+    # ``KVM_PGTABLE_PROT_SW*`` bits) and that a permission- or SW-only
+    # difference is left alone (``-EAGAIN``) like a permission-only one.
+    def leaf_sw_bits(self, prot: d.Prot) -> int:
+        return SW_HOST_WRITABLE if d.Prot.W in prot else 0
 
-        def try_leaf(ctx: Ctx) -> int:
-            target = phys + (ctx.addr - ctx.start)
-            if not self._leaf_allowed(ctx, target, ctx.end, force_pte):
-                return E2BIG
-            new = d.make_leaf(target, ctx.level, prot, self.fwb) | sw
-            if _same_but_perms(ctx.old, new):
-                return EAGAIN  # left to the permission-fault path
-            if not self.try_break_pte(ctx):
-                return EAGAIN
-            if not ctx.flags & SKIP_CMO:
-                if self.clean_on_map and d.is_cacheable(new, self.fwb):
-                    svc.dcache_clean_inval_poc(target, ctx.granule)
-                if not new & d.XN and not self.dic:
-                    svc.icache_inval_pou(target, ctx.granule)
-            self.make_pte(ctx, new)
-            return 0
-
-        def cb(ctx: Ctx, visit: int) -> int:
-            if visit == TABLE_PRE:  # table -> block collapse (§2.5, §7.4)
-                target = phys + (ctx.addr - ctx.start)
-                if not self._leaf_allowed(ctx, target, ctx.end, force_pte):
-                    return 0
-                child = d.pte_pa(ctx.old)
-                ret = try_leaf(ctx)
-                if ret:
-                    return ret
-                self.free_unlinked_table(child, ctx.level)
-                return 0
-            ret = try_leaf(ctx)
-            if ret != E2BIG:
-                return ret
-            if ctx.level == LAST_LEVEL:  # block (or empty entry) -> table
-                return EINVAL
-            child = svc.zalloc_page()
-            if not self.try_break_pte(ctx):
-                svc.put_page(child)
-                return EAGAIN
-            if self.clean_broken_block and self.clean_on_map and \
-                    d.is_valid(ctx.old) and d.is_cacheable(ctx.old, self.fwb):
-                svc.dcache_clean_inval_poc(d.pte_pa(ctx.old), ctx.granule)
-            self.make_pte(ctx, d.Table(child).encode())
-            return 0
-
-        return cb
+    def leave_alone(self, old: int, new: int) -> bool:
+        return _same_but_perms(old, new)
 
     def relax_attrs(self, prot: d.Prot) -> tuple[int, int]:
         """The slow path's ``relax_perms`` (under the read lock after GUP):

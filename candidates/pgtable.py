@@ -220,6 +220,16 @@ class Stage2PgTable:
         cb = self._map_walker(phys, prot, force_pte)
         return self.walk(addr, size, cb, flags | TABLE_PRE | LEAF)
 
+    def leaf_sw_bits(self, prot: d.Prot) -> int:
+        """Software bits a new leaf with ``prot`` carries (none here)."""
+        return 0
+
+    def leave_alone(self, old: int, new: int) -> bool:
+        """``!stage2_pte_needs_update(old, new)``: both valid and differing
+        only in permissions, so the map path leaves ``old`` to the
+        permission-fault path (rules §2.5 map step 3)."""
+        return d.perm_only_change(old, new)
+
     def _map_walker(self, phys: int, prot: d.Prot, force_pte: bool):
         svc = self.svc
 
@@ -227,8 +237,8 @@ class Stage2PgTable:
             target = phys + (ctx.addr - ctx.start)
             if not self._leaf_allowed(ctx, target, ctx.end, force_pte):
                 return E2BIG
-            new = d.make_leaf(target, ctx.level, prot, self.fwb)
-            if d.perm_only_change(ctx.old, new):
+            new = d.make_leaf(target, ctx.level, prot, self.fwb) | self.leaf_sw_bits(prot)
+            if self.leave_alone(ctx.old, new):
                 return EAGAIN  # left to the permission-fault path (relax_perms)
             if not self.try_break_pte(ctx):
                 return EAGAIN

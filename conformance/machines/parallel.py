@@ -342,8 +342,8 @@ class ParallelMachine(Stage2Machine):
         2 MiB window still mapped by 4 KiB tables in a memslot that does not
         log, so that one fault collapses the table while the others walk it
         (when no window is so, on the page at ``where``)."""
-        gfn = self._table_window_gfn(where, logging=False)
-        self._parallel_step(self._gfn(where) if gfn is None else gfn, ops, schedule, False)
+        gfn = self._table_window_gfn(where, logging=False) or self._gfn(where)
+        self._parallel_step(gfn, ops, schedule, False)
 
     @precondition(lambda self: self.live)
     @rule(where=INDEX, ops=MEMSLOT_RACE_OPS, schedule=MEMSLOT_RACE_SCHEDULES)
@@ -355,8 +355,8 @@ class ParallelMachine(Stage2Machine):
         (turning logging off lets a fault collapse the table while a fault
         from before the change maps a page in it), else the page at
         ``where``."""
-        gfn = self._table_window_gfn(where, logging=True)
-        self._parallel_step(self._gfn(where) if gfn is None else gfn, ops, schedule, False)
+        gfn = self._table_window_gfn(where, logging=True) or self._gfn(where)
+        self._parallel_step(gfn, ops, schedule, False)
 
     @precondition(lambda self: self.live)
     @rule(where=INDEX, ops=UNMAP_RACE_OPS, schedule=UNMAP_RACE_SCHEDULES)
@@ -378,8 +378,7 @@ class ParallelMachine(Stage2Machine):
         ``where`` if there is none)."""
         write = ops[-1].kind == "write"
         if before == "nothing":
-            gfn = self._upgradable_gfn(where, write)
-            gfn = self._gfn(where) if gfn is None else gfn
+            gfn = self._upgradable_gfn(where, write) or self._gfn(where)
         elif before == "read" and write:  # read-only only while logging
             gfn = self._gfn_where(where, lambda slot: slot.is_logging)
         else:
@@ -409,13 +408,11 @@ class ParallelMachine(Stage2Machine):
                 if sid in self.slots and wanted(self.slots[sid])] or list(range(len(self.gfns)))
         return self._gfn(pool[where % len(pool)])
 
-    def _block_capable(self, slot) -> bool:
-        """May a fault map 2 MiB blocks in ``slot`` (hva congruent to the
-        IPA, THP-backed where it starts)?"""
-        if (slot.userspace_addr - (slot.base_gfn << 12)) % THP_SIZE:
-            return False
-        vma = self.platform.host.vma_at(slot.userspace_addr)
-        return vma is not None and vma.thp
+    @staticmethod
+    def _congruent(slot) -> bool:
+        """Is the slot's hva congruent to its IPA modulo 2 MiB (rules §3.3),
+        so that its windows may be mapped by blocks?"""
+        return (slot.userspace_addr - (slot.base_gfn << 12)) % THP_SIZE == 0
 
     def _has_table_window(self, logging: bool) -> bool:
         """Is a table of 4 KiB entries linked in a block-capable memslot whose
@@ -424,9 +421,9 @@ class ParallelMachine(Stage2Machine):
         for ipa, level in self.platform.reachable.values():
             if level == 3:
                 gfn = ipa >> 12
-                slot = self.slots_by_gfn(gfn)
+                slot = self.platform.slot_for_gfn(gfn)
                 if slot is not None and slot.is_logging == logging \
-                        and self._block_capable(slot) and gfn + 511 < slot.end_gfn \
+                        and self._congruent(slot) and gfn + 511 < slot.end_gfn \
                         and self._host_may_back_a_block(slot.gfn_to_hva(gfn)):
                     return True
         return False
@@ -438,12 +435,6 @@ class ParallelMachine(Stage2Machine):
         pte = host.pte(hva)
         return pte.huge if pte is not None else host.thp_possible(hva)
 
-    def slots_by_gfn(self, gfn):
-        for slot in self.slots.values():
-            if slot.contains_gfn(gfn):
-                return slot
-        return None
-
     def _table_window_gfn(self, where, logging: bool) -> int | None:
         """An unmapped page (with an unmapped next page; a mapped one if the
         window has none) of a 2 MiB window mapped by a table of 4 KiB leaves,
@@ -452,9 +443,7 @@ class ParallelMachine(Stage2Machine):
         none)."""
         p, pages = self.platform, []
         for slot in sorted(self.slots.values(), key=lambda s: s.id):
-            if slot.is_logging != logging:
-                continue
-            if (slot.userspace_addr - (slot.base_gfn << 12)) % THP_SIZE:
+            if slot.is_logging != logging or not self._congruent(slot):
                 continue
             first = -(-slot.base_gfn // 512) * 512
             for window in range(first, slot.end_gfn - 511, 512):

@@ -82,7 +82,7 @@ nothing.
 from __future__ import annotations
 
 from candidates.kvm_parallel import (
-    SW_HOST_WRITABLE, KvmParallelCandidate, ParallelStage2PgTable)
+    KvmParallelCandidate, ParallelStage2PgTable)
 from candidates.pgtable import EAGAIN, SKIP_CMO, TABLE_PRE, Ctx
 from model import descriptors as d
 
@@ -98,7 +98,7 @@ class SubtreeLockStage2PgTable(ParallelStage2PgTable):
 
     def _map_walker(self, phys: int, prot: d.Prot, force_pte: bool):
         walker = super()._map_walker(phys, prot, force_pte)
-        sw = SW_HOST_WRITABLE if d.Prot.W in prot else 0  # as kvm-parallel's try_leaf
+        sw = self.leaf_sw_bits(prot)
 
         def cb(ctx: Ctx, visit: int) -> int:
             if visit != TABLE_PRE:
